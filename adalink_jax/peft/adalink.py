@@ -1,0 +1,186 @@
+"""AdaLink: low-rank residual adapters on the encoder (and optionally decoder) input embeddings.
+
+Where it applies (exactly): between the embedders and the first transformer block, i.e. on the
+:class:`~adalink_jax.models.t5.EncoderInputs` that ``T5.encode`` passes through its
+``encoder_input_adapter`` seam. For every modality ``m`` it owns (``text``, ``image``) it
+rewrites the positions whose ``modality == m``::
+
+    x' = x + act(x @ down_m + down_bias_m) @ up_m + up_bias_m      (biases optional)
+
+and leaves every other position (other modalities, prompt tokens) bit-identical. Padding
+positions of a modality are adapted too (the encoder masks them anyway; this keeps the
+adapter a per-token function of the embedding, which is what makes folding exact).
+As ``decoder_input_adapter`` the same module (text only) acts on the decoder token
+embeddings, including during KV-cache decoding (it is per-token).
+
+``up`` is zero-initialised, so at step 0 the adapted model equals the frozen one exactly.
+With ``num_tasks > 1`` every parameter gets a leading ``tasks`` axis and each example picks its
+adapter with a gather on ``task_id`` -- a batch may mix tasks.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from adalink_jax.models import t5
+from adalink_jax.models.axes import param
+from adalink_jax.models.layers import activation as get_activation
+
+Dtype = Any
+
+MODALITY_IDS = {'text': t5.TEXT, 'image': t5.IMAGE}
+# Prompt-tuning tokens get their own modality id so AdaLink (or anything else) can tell them apart.
+PROMPT = 2
+
+
+def modality_id(name: str) -> int:
+  """``'text' -> t5.TEXT``, ``'image' -> t5.IMAGE`` with a clear error otherwise."""
+  if name not in MODALITY_IDS:
+    raise ValueError(f'unknown modality {name!r}; choose from {sorted(MODALITY_IDS)}')
+  return MODALITY_IDS[name]
+
+
+def _per_example(p: jax.Array, task_id: Optional[jax.Array], num_tasks: int) -> jax.Array:
+  """Bank ``[tasks, ...]`` -> per-example ``[b, ...]`` with one gather (no Python loop)."""
+  if task_id is None:
+    raise ValueError(f'this adapter holds a bank of num_tasks={num_tasks} adapters: pass task_id[b]')
+  return jnp.take(p, task_id.astype(jnp.int32), axis=0)
+
+
+def _matmul(x: jax.Array, w: jax.Array, banked: bool) -> jax.Array:
+  """``x[b, l, i] @ w[i, o]`` or, for per-example weights, ``x[b, l, i] @ w[b, i, o]``."""
+  return jnp.einsum('bli,bio->blo', x, w) if banked else jnp.dot(x, w)
+
+
+def _bias(b: jax.Array, banked: bool) -> jax.Array:
+  """Bias ``[o]`` or per-example ``[b, o]`` -> broadcastable against ``[b, l, o]``."""
+  return b[:, None, :] if banked else b
+
+
+class LowRankResidual(nn.Module):
+  """One modality's adapter: ``x[b, l, d] -> delta[b, l, d] = act(x D + b1) U + b2``.
+
+  Params (single task): ``down [d, r]`` axes (embed, rank); ``up [r, d]`` axes (rank, embed),
+  zero-init; optional ``down_bias [r]``, ``up_bias [d]``. With ``num_tasks > 1`` each gets a
+  leading ``tasks`` axis and ``task_id[b]`` picks one per example.
+  """
+  rank: int
+  num_tasks: int = 1
+  activation: str = 'identity'
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, task_id: Optional[jax.Array] = None) -> jax.Array:
+    d, r, nt = x.shape[-1], self.rank, self.num_tasks
+    lead, lead_axes = ((), ()) if nt == 1 else ((nt,), ('tasks',))
+    # batch_axis keeps fan-in = d for a bank (otherwise the tasks axis would count as fan-in).
+    down_init = nn.initializers.variance_scaling(
+        1.0, 'fan_in', 'truncated_normal', batch_axis=tuple(range(len(lead))))
+    down = param(self, 'down', down_init, lead + (d, r), self.param_dtype,
+                 lead_axes + ('embed', 'rank'))
+    up = param(self, 'up', nn.initializers.zeros, lead + (r, d), self.param_dtype,
+               lead_axes + ('rank', 'embed'))
+    banked = nt > 1
+    pick = (lambda p: _per_example(p, task_id, nt)) if banked else (lambda p: p)
+    h = _matmul(x.astype(self.dtype), pick(down).astype(self.dtype), banked)
+    if self.use_bias:
+      b1 = param(self, 'down_bias', nn.initializers.zeros, lead + (r,), self.param_dtype,
+                 lead_axes + ('rank',))
+      h = h + _bias(pick(b1).astype(self.dtype), banked)
+    h = get_activation(self.activation)(h)
+    delta = _matmul(h, pick(up).astype(self.dtype), banked)
+    if self.use_bias:
+      b2 = param(self, 'up_bias', nn.initializers.zeros, lead + (d,), self.param_dtype,
+                 lead_axes + ('embed',))
+      delta = delta + _bias(pick(b2).astype(self.dtype), banked)
+    return delta
+
+
+class AdaLink(nn.Module):
+  """``EncoderInputs -> EncoderInputs`` with a low-rank residual per modality (see module doc).
+
+  modalities: names in ``MODALITY_IDS``; ranks: one rank per modality (same order).
+  Params live under ``<modality>/{down, up[, down_bias, up_bias]}``.
+  """
+  modalities: tuple[str, ...] = ('text', 'image')
+  ranks: tuple[int, ...] = (64, 64)
+  num_tasks: int = 1
+  activation: str = 'identity'
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: t5.EncoderInputs) -> t5.EncoderInputs:
+    """embeddings ``[b, l, d]``, modality ``[b, l]`` -> same shapes, only own modalities changed."""
+    if len(self.modalities) != len(self.ranks):
+      raise ValueError(f'AdaLink: {len(self.modalities)} modalities {self.modalities} but '
+                       f'{len(self.ranks)} ranks {self.ranks}')
+    x = inputs.embeddings
+    out = x
+    for name, rank in zip(self.modalities, self.ranks):
+      delta = LowRankResidual(rank, self.num_tasks, self.activation, self.use_bias,
+                              dtype=self.dtype, param_dtype=self.param_dtype, name=name)(
+                                  x, inputs.task_id)
+      on = (inputs.modality == modality_id(name))[..., None]
+      # `where`, not a multiply: positions of other modalities stay bit-identical.
+      out = jnp.where(on, out + delta.astype(x.dtype), out)
+    return inputs._replace(embeddings=out)
+
+
+# ------------------------------------------------------------------ banks and folding
+
+
+def select_task(adapter_params: dict, task: int) -> dict:
+  """Bank params (leading ``tasks`` axis on every leaf) -> one task's single-adapter params."""
+  return jax.tree.map(lambda p: p[task], adapter_params)
+
+
+def fold_text_embedding(embedding: jax.Array, text_params: dict, activation: str = 'identity',
+                        task: Optional[int] = None, dtype: Dtype = jnp.float32) -> jax.Array:
+  """Folds the text adapter into an encoder input table ``E' = E + act(E @ down + b1) @ up + b2``.
+
+  embedding: ``[vocab, d]`` (the frozen shared table); text_params: the ``text`` subtree of the
+  AdaLink params (``down [d, r]``, ``up [r, d]``, optional biases; pass ``task`` for a bank).
+  The adapter is a per-token function of the embedding row, so this is exact for any activation.
+  Serve it with :func:`folded_encoder_params` -- the shared table (decoder, tied head) is untouched.
+  """
+  p = text_params if task is None else select_task(text_params, task)
+  if p['down'].ndim != 2:
+    raise ValueError(f'text adapter down has shape {p["down"].shape}: it is a bank, pass task=')
+  e = embedding.astype(dtype)
+  h = e @ p['down'].astype(dtype)
+  if 'down_bias' in p:
+    h = h + p['down_bias'].astype(dtype)
+  delta = get_activation(activation)(h) @ p['up'].astype(dtype)
+  if 'up_bias' in p:
+    delta = delta + p['up_bias'].astype(dtype)
+  return (e + delta).astype(embedding.dtype)
+
+
+def folded_encoder_params(params: dict, folded_table: jax.Array) -> dict:
+  """Params for serving a folded text adapter with an *unmodified* T5.
+
+  Use them only for ``method=T5.encode``; decode with the original params::
+
+      enc, m = model.apply({'params': folded_encoder_params(p, E2)}, toks, method=model.encode)
+      logits = model.apply({'params': p}, enc, m, dec_toks, method=model.decode)
+
+  ``encode`` only reads ``token_embedder`` to embed encoder text, so swapping the table there
+  gives the encoder ``E'`` while the decoder (and a tied LM head) still sees ``E``.
+  Drops ``encoder_input_adapter/text`` (it is in the table now); other modalities stay.
+  """
+  out = dict(params)
+  out['token_embedder'] = {**params['token_embedder'], 'embedding': folded_table}
+  if 'encoder_input_adapter' in out:
+    rest = {k: v for k, v in out['encoder_input_adapter'].items() if k != 'text'}
+    if rest:
+      out['encoder_input_adapter'] = rest
+    else:
+      del out['encoder_input_adapter']
+  return out
