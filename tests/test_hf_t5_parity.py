@@ -1,0 +1,282 @@
+"""HF safetensors T5 loader: forward parity with HF PyTorch T5 and clear errors.
+
+Reference: random small ``transformers.T5ForConditionalGeneration`` models (which we did
+not write) saved with ``save_pretrained``; we load the files and compare encoder outputs
+and logits in fp32, with padded encoder inputs longer than ``relative_attention_max_distance``.
+"""
+import copy
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+
+from adalink_jax.checkpoints import common, hf  # pylint: disable=g-import-not-at-top
+from adalink_jax.models import intrusive, t5  # pylint: disable=g-import-not-at-top
+
+ENC_LEN, DEC_LEN, PAD_FROM = 40, 30, 27  # row 1 of the batch is padded from PAD_FROM on
+
+_VARIANTS = {
+    # FLAN-T5 / T5 1.1 files: gated GELU, unscaled head with its own lm_head.weight.
+    'v11': dict(feed_forward_proj='gated-gelu', tie_word_embeddings=False, vocab_size=300,
+                d_ff=128, num_layers=3, num_decoder_layers=2,
+                relative_attention_num_buckets=16, relative_attention_max_distance=20),
+    # What HF 5 builds for tie_word_embeddings=False: unscaled head that *is* the embedding.
+    'v11_tied': dict(feed_forward_proj='gated-gelu', tie_word_embeddings=False, vocab_size=300,
+                     d_ff=128, num_layers=2, num_decoder_layers=2,
+                     relative_attention_num_buckets=16, relative_attention_max_distance=20),
+    # T5 1.0: ReLU, head tied to the embedding and scaled by d_model**-0.5.
+    'v10': dict(feed_forward_proj='relu', tie_word_embeddings=True, vocab_size=256, d_ff=96,
+                num_layers=2, num_decoder_layers=3,
+                relative_attention_num_buckets=8, relative_attention_max_distance=12),
+}
+
+
+def _build_hf(name, seed):
+  torch.manual_seed(seed)
+  cfg = transformers.T5Config(d_model=64, d_kv=16, num_heads=4, dropout_rate=0.0,
+                              decoder_start_token_id=0, **_VARIANTS[name])
+  model = transformers.T5ForConditionalGeneration(cfg).float().eval()
+  with torch.no_grad():
+    for pname, p in model.named_parameters():
+      # Non-trivial norms and strong position biases, so any mis-mapping shows in the output.
+      if 'layer_norm' in pname:
+        p.uniform_(0.5, 1.5)
+      elif 'relative_attention_bias' in pname:
+        p.normal_(0.0, 1.0)
+    if name == 'v11':
+      model.lm_head.weight = torch.nn.Parameter(torch.randn(cfg.vocab_size, cfg.d_model))
+  return model
+
+
+def _inputs(vocab, seed):
+  rng = np.random.default_rng(seed)
+  enc = rng.integers(2, vocab, (2, ENC_LEN))
+  enc[1, PAD_FROM:] = 0
+  dec = rng.integers(2, vocab, (2, DEC_LEN))
+  dec[:, 0] = 0  # decoder_start_id
+  return enc, dec
+
+
+@pytest.fixture(scope='module')
+def ckpts(tmp_path_factory):
+  """name -> (checkpoint dir, HF encoder output, HF logits, enc ids, dec ids)."""
+  out = {}
+  for seed, name in enumerate(_VARIANTS):
+    model = _build_hf(name, seed)
+    d = tmp_path_factory.mktemp(name)
+    model.save_pretrained(d)
+    enc, dec = _inputs(model.config.vocab_size, seed)
+    with torch.no_grad():
+      res = model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
+                  decoder_input_ids=torch.tensor(dec))
+    out[name] = (d, res.encoder_last_hidden_state.numpy(), res.logits.numpy(), enc, dec, model)
+  return out
+
+
+def _forward(cfg, params, enc, dec):
+  model = t5.T5(cfg)
+
+  def run(m, e, d):
+    encoded, mask = m.encode(e)
+    return encoded, m.decode(encoded, mask, d)
+
+  f = jax.jit(lambda p, e, d: model.apply({'params': p}, e, d, method=run))
+  encoded, logits = f(params, jnp.asarray(enc, jnp.int32), jnp.asarray(dec, jnp.int32))
+  return np.asarray(encoded), np.asarray(logits)
+
+
+def _flat_equal(a, b):
+  fa, fb = common.flatten(a), common.flatten(b)
+  assert sorted(fa) == sorted(fb)
+  for n in fa:
+    np.testing.assert_array_equal(np.asarray(fa[n]), np.asarray(fb[n]), err_msg=n)
+
+
+# ------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize('name', list(_VARIANTS))
+def test_forward_parity_fp32(ckpts, name):
+  d, hf_enc, hf_logits, enc, dec, _ = ckpts[name]
+  cfg, params = hf.load_hf_t5(d)
+  assert cfg.mlp_activations == (('relu',) if name == 'v10' else ('gelu', 'linear'))
+  assert cfg.tie_embeddings == (name == 'v10')
+  assert ('logits_dense' in params['decoder']) == (name != 'v10')
+  assert cfg.relative_attention_max_distance < ENC_LEN
+  encoded, logits = _forward(cfg, params, enc, dec)
+  print(name, 'max |enc diff|', np.abs(encoded - hf_enc).max(),
+        'max |logit diff|', np.abs(logits - hf_logits).max(),
+        'max |logit|', np.abs(hf_logits).max())
+  np.testing.assert_allclose(encoded, hf_enc, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(logits, hf_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('name', ['v11', 'v10'])
+def test_scan_layers_same_logits(ckpts, name):
+  d, hf_enc, hf_logits, enc, dec, _ = ckpts[name]
+  base, _ = hf.load_hf_t5(d)
+  cfg, params = hf.load_hf_t5(d, config=base.replace(scan_layers=True))
+  assert cfg.scan_layers
+  q = params['encoder']['layers']['attention']['query']['kernel']
+  assert q.shape == (base.num_encoder_layers, 64, 64)
+  assert params['decoder']['layers']['mlp']['wo']['kernel'].shape[0] == base.num_decoder_layers
+  encoded, logits = _forward(cfg, params, enc, dec)
+  np.testing.assert_allclose(encoded, hf_enc, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(logits, hf_logits, atol=1e-4, rtol=0)
+
+
+def test_relative_buckets_match_hf_beyond_max_distance():
+  rel = np.arange(-150, 151)[None, :]
+  hf_bucket = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket
+  for bidirectional in (True, False):
+    for buckets, max_distance in ((8, 12), (16, 20), (32, 128)):
+      ours = t5.relative_position_bucket(rel, bidirectional, buckets, max_distance)
+      ref = hf_bucket(torch.tensor(rel), bidirectional, buckets, max_distance).numpy()
+      np.testing.assert_array_equal(ours, ref)
+
+
+def test_far_positions_change_the_output(ckpts):
+  """Control: the parity inputs are long enough that the far buckets matter."""
+  d, _, hf_logits, enc, dec, _ = ckpts['v11']
+  cfg, params = hf.load_hf_t5(d)
+  _, logits = _forward(cfg.replace(relative_attention_max_distance=ENC_LEN), params, enc, dec)
+  assert np.abs(logits - hf_logits).max() > 1e-2
+
+
+# ------------------------------------------------------------------ formats
+
+
+def test_config_from_hf_variants():
+  base = dict(vocab_size=100, d_model=8, d_kv=2, d_ff=16, num_layers=3, num_heads=4)
+  c = hf.t5_config_from_hf({**base, 'feed_forward_proj': 'gated-gelu',
+                            'tie_word_embeddings': False})  # HF 4 FLAN-T5 config.json
+  assert (c.mlp_activations, c.tie_embeddings, c.num_decoder_layers) == (
+      ('gelu', 'linear'), False, 3)
+  c = hf.t5_config_from_hf({**base, 'tie_word_embeddings': True,
+                            'scale_decoder_outputs': False})  # HF 5 writes both
+  assert (c.mlp_activations, c.tie_embeddings) == (('relu',), False)
+  assert hf.t5_config_from_hf(base).tie_embeddings  # T5 1.0 default
+  assert hf.t5_config_from_hf({**base, 'feed_forward_proj': 'gated-silu'}).mlp_activations == (
+      'silu', 'linear')
+  assert hf.t5_config_from_hf({**base, 'feed_forward_proj': 'gelu'}).mlp_activations == (
+      'gelu_exact',)
+  c = hf.t5_config_from_hf({**base, 'num_decoder_layers': 5, 'eos_token_id': [1, 7],
+                            'pad_token_id': 3, 'relative_attention_max_distance': 64})
+  assert (c.num_decoder_layers, c.eos_id, c.pad_id, c.decoder_start_id,
+          c.relative_attention_max_distance) == (5, 1, 3, 3, 64)
+  with pytest.raises(ValueError, match='umt5'):
+    hf.t5_config_from_hf({**base, 'model_type': 'umt5'})
+  with pytest.raises(ValueError, match='feed_forward_proj'):
+    hf.t5_config_from_hf({**base, 'feed_forward_proj': 'gated-weird'})
+
+
+def test_legacy_hf4_files_load_identically(ckpts, tmp_path):
+  """HF 4 style: tie_word_embeddings=False instead of scale_decoder_outputs, embedding copies."""
+  d = ckpts['v11'][0]
+  cfg_json = json.loads((d / 'config.json').read_text())
+  cfg_json.pop('scale_decoder_outputs')
+  cfg_json['tie_word_embeddings'] = False
+  (tmp_path / 'config.json').write_text(json.dumps(cfg_json))
+  tensors = load_file(d / 'model.safetensors')
+  tensors['encoder.embed_tokens.weight'] = tensors['decoder.embed_tokens.weight'] = (
+      tensors['shared.weight'])
+  save_file(tensors, tmp_path / 'model.safetensors')
+  _flat_equal(hf.load_hf_t5(tmp_path)[1], hf.load_hf_t5(d)[1])
+
+
+def test_sharded_and_bf16_files(ckpts, tmp_path):
+  d, *_, model = ckpts['v11']
+  cfg, ref = hf.load_hf_t5(d)
+  model.save_pretrained(tmp_path / 'sharded', max_shard_size='40KB')
+  assert (tmp_path / 'sharded' / hf.INDEX_FILE).is_file()
+  assert len(list((tmp_path / 'sharded').glob('*.safetensors'))) > 1
+  _flat_equal(hf.load_hf_t5(tmp_path / 'sharded')[1], ref)
+
+  # dtype= casts every tensor; a bf16 file (read without torch) gives the same values.
+  _, cast = hf.load_hf_t5(d, dtype=jnp.bfloat16)
+  copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp_path / 'bf16')
+  _, from_bf16 = hf.load_hf_t5(tmp_path / 'bf16')
+  for tree in (cast, from_bf16):
+    assert {v.dtype for v in common.flatten(tree).values()} == {jnp.dtype(jnp.bfloat16)}
+  _flat_equal(cast, from_bf16)
+  _flat_equal(cast, jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), ref))
+
+  # Intrusive baselines: the backbone loads unchanged, LoRA params are the caller's to init.
+  _, with_lora = hf.load_hf_t5(d, config=cfg.replace(lora=intrusive.LoRAConfig(rank=2)))
+  _flat_equal(with_lora, ref)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_wrong_d_ff_lists_every_mlp_kernel(ckpts):
+  d = ckpts['v11'][0]
+  cfg, _ = hf.load_hf_t5(d)
+  with pytest.raises(common.CheckpointMismatchError) as info:
+    hf.load_hf_t5(d, config=cfg.replace(d_ff=256))
+  err = info.value
+  assert not err.missing and not err.unexpected
+  assert len(err.mismatched) == 3 * (cfg.num_encoder_layers + cfg.num_decoder_layers)
+  assert ('encoder/layers_0/mlp/wi_0/kernel', (64, 256), (64, 128)) in err.mismatched
+  assert ('decoder/layers_1/mlp/wo/kernel', (256, 64), (128, 64)) in err.mismatched
+  assert ('encoder/layers_0/mlp/wi_0/kernel  (HF encoder.block.0.layer.1.DenseReluDense.wi_0.'
+          'weight): (64, 256) vs (64, 128)') in str(err)
+
+
+def test_deleted_and_extra_tensors_are_named(ckpts, tmp_path):
+  d = ckpts['v11'][0]
+  shutil.copy(d / 'config.json', tmp_path / 'config.json')
+  tensors = load_file(d / 'model.safetensors')
+  del tensors['encoder.block.1.layer.1.DenseReluDense.wo.weight']
+  tensors['encoder.block.3.layer.0.layer_norm.weight'] = np.ones(64, np.float32)
+  save_file(tensors, tmp_path / 'model.safetensors')
+  with pytest.raises(common.CheckpointMismatchError) as info:
+    hf.load_hf_t5(tmp_path)
+  err = info.value
+  assert err.missing == ['encoder/layers_1/mlp/wo/kernel']
+  assert len(err.unexpected) == 1
+  assert 'encoder.block.3.layer.0.layer_norm.weight' in err.unexpected[0]
+  assert 'HF encoder.block.1.layer.1.DenseReluDense.wo.weight' in str(err)
+
+
+def test_semantic_config_mismatch_is_rejected(ckpts):
+  d = ckpts['v11'][0]
+  cfg, _ = hf.load_hf_t5(d)
+  with pytest.raises(ValueError, match='mlp_activations'):
+    hf.load_hf_t5(d, config=cfg.replace(mlp_activations=('silu', 'linear')))
+  with pytest.raises(ValueError, match='separate lm_head'):
+    hf.load_hf_t5(d, config=cfg.replace(tie_embeddings=True))
+
+
+def test_missing_files_say_what_and_how(tmp_path):
+  with pytest.raises(FileNotFoundError) as info:
+    hf.load_hf_t5(tmp_path / 'nope')
+  msg = str(info.value)
+  for word in ('config.json', 'model.safetensors', 'save_pretrained', 'huggingface-cli', 'nope'):
+    assert word in msg
+  (tmp_path / 'config.json').write_text('{}')
+  (tmp_path / 'pytorch_model.bin').write_bytes(b'')
+  with pytest.raises(FileNotFoundError, match=r'model\.safetensors(.|\n)*pytorch_model\.bin'):
+    hf.load_hf_t5(tmp_path)
+
+
+def test_common_helpers():
+  tree = {'a': {'b': np.zeros((2, 3)), 'c': {'d': np.ones(4)}}, 'e': np.zeros(())}
+  flat = common.flatten(tree)
+  assert sorted(flat) == ['a/b', 'a/c/d', 'e']
+  _flat_equal(common.unflatten(flat), tree)
+  expected = {f'w{i:03d}': jax.ShapeDtypeStruct((i + 1,), jnp.float32) for i in range(100)}
+  with pytest.raises(common.CheckpointMismatchError) as info:
+    common.check_tree(expected, {'w000': np.zeros(2), 'zzz': np.zeros(1)})
+  err = info.value
+  assert len(err.missing) == 99 and err.unexpected == ['zzz']
+  assert err.mismatched == [('w000', (1,), (2,))]
+  assert '... and 74 more' in str(err) and 'w000: (1,) vs (2,)' in str(err)
+  common.check_tree(expected, {k: np.zeros(v.shape) for k, v in expected.items()})  # no raise
