@@ -1,0 +1,128 @@
+"""The frozen backbone of a run: where it comes from (``config.init``), its hash, and our own format.
+
+``config.init`` fields:
+  native:      a directory written by :func:`save_native` (the whole model, any family).
+  t5, t5_format:   a T5 checkpoint ('hf' safetensors directory or 't5x' checkpoint directory).
+  vit, vit_format: an image tower ('big_vision' npz or 'hf' SigLIP/ViT safetensors), PaLI only.
+Anything not given keeps its random initialisation -- said in the log, as is a PaLI assembled
+from separate towers whose projection ``img_proj`` therefore starts fresh.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from adalink_jax.checkpoints import common
+
+log = logging.getLogger(__name__)
+
+NATIVE_TENSORS, NATIVE_CARD = 'params.safetensors', 'backbone.json'
+
+
+def save_native(directory: str, params: Mapping, meta: Mapping[str, Any]) -> str:
+  """Writes ``params`` (nested dict of arrays) as safetensors + a JSON card; returns the directory."""
+  os.makedirs(directory, exist_ok=True)
+  flat = {k: np.asarray(jax.device_get(v)) for k, v in common.flatten(dict(params)).items()}
+  save_file(flat, os.path.join(directory, NATIVE_TENSORS))
+  with open(os.path.join(directory, NATIVE_CARD), 'w', encoding='utf-8') as f:
+    json.dump(dict(meta), f, indent=1)
+  return directory
+
+
+def _read_native_into(directory: str, params: dict, shardings: Mapping) -> dict:
+  """Replaces every leaf the native checkpoint has, each read slice by slice into its sharding."""
+  file = os.path.join(directory, NATIVE_TENSORS)
+  if not os.path.exists(file):
+    raise common.missing_checkpoint_error(
+        file, 'a native adalink_jax backbone (params.safetensors + backbone.json)',
+        'write one with adalink_jax.checkpoints.backbone.save_native, or for the demo run '
+        '`python scripts/make_demo_assets.py`')
+  flat = common.flatten(params)
+  flat_sh = common.flatten(dict(shardings))
+  with safe_open(file, framework='numpy') as f:
+    names = list(f.keys())
+    expected = {k: v for k, v in flat.items() if not _is_adapter_path(k)}
+    on_disk = {k: jax.ShapeDtypeStruct(tuple(f.get_slice(k).get_shape()), np.float32)
+               for k in names}
+    common.check_tree(expected, on_disk, source=file)
+    for name in names:
+      sl = f.get_slice(name)
+      target = flat[name]
+      flat[name] = jax.make_array_from_callback(
+          target.shape, flat_sh[name],
+          lambda idx, sl=sl, dt=target.dtype: np.asarray(sl[idx]).astype(dt))
+  return common.unflatten(flat)
+
+
+def _is_adapter_path(path: str) -> bool:
+  # Parameters a method adds on top of a backbone; a backbone checkpoint never has them.
+  return any(m in f'/{path}/' for m in ('encoder_input_adapter', 'decoder_input_adapter',
+                                        '/lora/', '_adapter/'))
+
+
+def load_into(init: Mapping, params: dict, shapes: Any, shardings: Any, setup: Any) -> dict:
+  """Loads the checkpoints named in ``init`` over the randomly initialised ``params``."""
+  init = dict(init or {})
+  del shapes  # the live params carry the shapes
+  if init.get('native'):
+    log.info('loading backbone from %s', init['native'])
+    return _read_native_into(init['native'], params, shardings)
+  if init.get('t5'):
+    fmt = init.get('t5_format', 'hf')
+    if fmt != 'hf':
+      raise ValueError(f"config.init.t5_format={fmt!r}: this build loads 'hf' here")
+    from adalink_jax.checkpoints import hf  # pylint: disable=g-import-not-at-top
+    _, t5_params = hf.load_hf_t5(init['t5'], config=setup.t5_config)
+    target = params['t5'] if setup.family == 'pali' else params
+    _replace(target, t5_params, common.flatten(dict(shardings['t5'] if setup.family == 'pali'
+                                                    else shardings)))
+    if setup.family == 'pali':
+      log.warning('PaLI assembled from a T5 checkpoint: image tower and img_proj start fresh '
+                  'unless config.init.vit is given')
+  if not init:
+    log.warning('config.init is empty: the backbone is RANDOMLY initialised')
+  return params
+
+
+def _replace(target: dict, source: Mapping, flat_shardings: Mapping):
+  """In-place: every leaf of ``source`` replaces the same path in ``target`` (shape-checked)."""
+  flat_t = common.flatten(target)
+  flat_s = common.flatten(dict(source))
+  common.check_tree({k: v for k, v in flat_t.items() if not _is_adapter_path(k)}, flat_s,
+                    source='T5 checkpoint')
+  for k, v in flat_s.items():
+    node = target
+    *parents, leaf = k.split('/')
+    for p in parents:
+      node = node[p]
+    node[leaf] = jax.device_put(np.asarray(v).astype(flat_t[k].dtype), flat_shardings[k])
+
+
+def describe(init: Mapping, frozen: Mapping) -> dict:
+  """What a checkpoint records about the backbone: its source paths and a content hash."""
+  h = hashlib.sha256()
+  for name, leaf in sorted(common.flatten(dict(frozen)).items()):
+    # Hash shard by shard on each host's addressable data would differ across meshes; hash the
+    # full array (fetched one leaf at a time) so the hash is the same on any mesh.
+    a = np.asarray(jax.device_get(leaf))
+    h.update(f'{name}|{a.dtype.name}|{list(a.shape)}|'.encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return {'sources': {k: v for k, v in dict(init or {}).items() if v}, 'hash': h.hexdigest()}
+
+
+def check_same(saved: Mapping, current: Mapping):
+  """Refuses to resume adapters on a backbone other than the one they were trained on."""
+  if saved and saved.get('hash') != current.get('hash'):
+    raise ValueError(
+        'the checkpoint was trained on a different frozen backbone:\n'
+        f"  checkpoint: {saved.get('sources')} hash {saved.get('hash')}\n"
+        f"  this run:   {current.get('sources')} hash {current.get('hash')}\n"
+        'point config.init at the original backbone, or use a fresh --workdir')

@@ -1,0 +1,37 @@
+"""Makes the demo's vocabulary and frozen backbone on first use (nothing is downloaded)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from adalink_jax import demo
+from adalink_jax import trainer
+from adalink_jax.checkpoints import backbone as backbone_lib
+
+log = logging.getLogger(__name__)
+
+
+def ensure(config: Any, pretrain_config: Any) -> str:
+  """Returns the backbone directory for ``config``, pre-training it first if it is not there."""
+  assets = config.data.get('assets_dir') or demo.default_assets_dir()
+  spm = demo.spm_path(assets)
+  if not os.path.exists(spm):
+    log.info('demo: training the SentencePiece vocabulary at %s', spm)
+    demo.train_vocabulary(spm)
+  out = os.path.join(assets, 'backbone')
+  if os.path.exists(os.path.join(out, backbone_lib.NATIVE_CARD)):
+    return out
+  pre = pretrain_config.copy_and_resolve_references()
+  pre.data.assets_dir = assets
+  log.info('demo: pre-training the tiny frozen backbone (%d steps of full fine-tuning on '
+           'rendered shapes); done once, kept in %s', pre.total_steps, out)
+  t0 = time.time()
+  result, params = trainer.train_and_return_params(pre, os.path.join(assets, 'pretrain_run'))
+  backbone_lib.save_native(out, params, {
+      'family': pre.model.family, 'name': pre.model.name, 'made_by': 'adalink_jax.demo_assets',
+      'pretrain_steps': int(pre.total_steps), 'final_loss': result.get('final_loss')})
+  log.info('demo: backbone ready in %.0f s (final loss %.3f)', time.time() - t0,
+           result.get('final_loss') or float('nan'))
+  return out

@@ -1,0 +1,82 @@
+"""``python -m adalink_jax.train --config=configs/X.py[:arg] --workdir=DIR [--config.a.b=v] [--dry_run]``.
+
+Trains (or resumes, if DIR has checkpoints) the method in ``config.peft`` on ``config.data``
+over a mesh of all devices. ``--dry_run`` builds everything abstractly, prints parameter
+counts, the sharding plan and a per-device memory estimate, and exits. ``--multihost``
+calls ``jax.distributed.initialize()`` first (TPU pods, SLURM, or the ``--coordinator`` flags).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'experiment config file (configs/*.py)',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'where checkpoints, logs and results go')
+flags.DEFINE_bool('dry_run', False, 'print counts, sharding plan and memory estimate; exit')
+flags.DEFINE_bool('multihost', False, 'initialise jax.distributed (multi-process runs)')
+flags.DEFINE_string('coordinator', '', 'host:port of process 0 (multihost without auto-detect)')
+flags.DEFINE_integer('num_processes', 0, 'number of processes (with --coordinator)')
+flags.DEFINE_integer('process_id', -1, 'this process (with --coordinator)')
+
+log = logging.getLogger('adalink_jax.train')
+
+
+def init_distributed():
+  """jax.distributed.initialize from flags, or auto-detected (TPU pod / SLURM)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.coordinator:
+    jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  else:
+    jax.distributed.initialize()
+
+
+def _pretrain_config_for_demo(config):
+  """The demo config file's get_config('pretrain'), which says how the demo backbone is made."""
+  path = FLAGS['config'].config_filename.split(':')[0]
+  spec = importlib.util.spec_from_file_location('_demo_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  pre = module.get_config('pretrain')
+  pre.data.assets_dir = config.data.get('assets_dir', '')
+  return pre
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from adalink_jax import logs  # pylint: disable=g-import-not-at-top
+  logs.setup_logging()
+  if FLAGS.multihost:
+    init_distributed()
+  config = FLAGS.config
+  if config is None:
+    raise app.UsageError('--config=configs/<experiment>.py is required')
+  if FLAGS.dry_run:
+    from adalink_jax import dry_run  # pylint: disable=g-import-not-at-top
+    print(dry_run.report(config))
+    return 0
+  if not FLAGS.workdir:
+    raise app.UsageError('--workdir=DIR is required (checkpoints, logs and results go there)')
+  from adalink_jax import trainer  # pylint: disable=g-import-not-at-top
+  if config.data.kind == 'demo' and config.data.mode == 'vqa' and not config.init.native:
+    from adalink_jax import demo_assets  # pylint: disable=g-import-not-at-top
+    with config.unlocked():
+      config.init.native = demo_assets.ensure(config, _pretrain_config_for_demo(config))
+  result = trainer.train(config, FLAGS.workdir)
+  summary = {k: v for k, v in result.items() if k in ('step', 'final_loss', 'eval_at_start',
+                                                     'eval', 'preempted_at')}
+  print(f'done: {summary}\nresults in {os.path.abspath(FLAGS.workdir)}', flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
