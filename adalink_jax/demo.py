@@ -147,7 +147,8 @@ class ShapesTask:
     ids = [int(t) for t in ids]
     if 1 in ids:
       ids = ids[:ids.index(1)]
-    return self.sp.decode([t for t in ids if t > 2])
+    n = self.sp.get_piece_size()  # the model may pad its vocabulary beyond the SentencePiece one
+    return self.sp.decode([t for t in ids if 2 < t < n])
 
 
 def default_assets_dir() -> str:

@@ -29,6 +29,9 @@ def ensure(config: Any, pretrain_config: Any) -> str:
            'rendered shapes); done once, kept in %s', pre.total_steps, out)
   t0 = time.time()
   result, params = trainer.train_and_return_params(pre, os.path.join(assets, 'pretrain_run'))
+  if result.get('preempted_at') is not None:
+    raise SystemExit('demo: backbone pre-training was interrupted (SIGTERM); run the same '
+                     'command again to resume it')
   backbone_lib.save_native(out, params, {
       'family': pre.model.family, 'name': pre.model.name, 'made_by': 'adalink_jax.demo_assets',
       'pretrain_steps': int(pre.total_steps), 'final_loss': result.get('final_loss')})

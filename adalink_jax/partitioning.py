@@ -68,7 +68,12 @@ def logical_to_spec(axes: Optional[Sequence[Optional[str]]], rules=LOGICAL_AXIS_
   """Logical names of one array -> PartitionSpec (a mesh axis is used at most once)."""
   if axes is None:
     return P()
-  return nn.logical_to_mesh_axes(tuple(axes), rules)
+  # A name repeated within one array (e.g. a conv kernel's two 'patch' dims) is mapped once.
+  seen, unique = set(), []
+  for a in axes:
+    unique.append(None if a in seen else a)
+    seen.add(a)
+  return nn.logical_to_mesh_axes(tuple(unique), rules)
 
 
 def param_shardings(boxed_params: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES,

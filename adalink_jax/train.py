@@ -39,14 +39,12 @@ def init_distributed():
 
 
 def _pretrain_config_for_demo(config):
-  """The demo config file's get_config('pretrain'), which says how the demo backbone is made."""
+  """The demo config file's ``pretrain_config(config)``: how its frozen backbone is made."""
   path = FLAGS['config'].config_filename.split(':')[0]
   spec = importlib.util.spec_from_file_location('_demo_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  pre = module.get_config('pretrain')
-  pre.data.assets_dir = config.data.get('assets_dir', '')
-  return pre
+  return module.pretrain_config(config)
 
 
 def main(argv):

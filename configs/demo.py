@@ -52,18 +52,26 @@ def get_config(arg=None):
   c.demo_backbone = ml_collections.ConfigDict(dict(
       steps=1200, batch_size=64, learning_rate=3e-3))
   if arg == 'pretrain':
-    c.peft = ml_collections.ConfigDict(dict(method='ft'))
-    c.data = _data('pretrain')
-    c.batch_size = c.demo_backbone.batch_size
-    c.total_steps = c.demo_backbone.steps
-    c.optimizer.learning_rate = c.demo_backbone.learning_rate
-    c.optimizer.total_steps = c.total_steps
-    c.optimizer.warmup_steps = 50
-    c.eval.metric = 'exact_match'
-    c.eval.every = 0
-    c.eval.at_start = False
-    c.checkpoint_every = c.total_steps
-    c.keep_checkpoints = 1
+    return pretrain_config(c)
+  return c
+
+
+def pretrain_config(demo_config):
+  """How the demo's frozen backbone is made: full fine-tuning on the pre-training prompts."""
+  c = demo_config.copy_and_resolve_references()
+  b = c.demo_backbone
+  c.peft = ml_collections.ConfigDict(dict(method='ft'))
+  c.data.mode = 'pretrain'
+  c.batch_size = b.batch_size
+  c.total_steps = b.steps
+  c.optimizer.learning_rate = b.learning_rate
+  c.optimizer.total_steps = b.steps
+  c.optimizer.warmup_steps = 50
+  c.eval.metric = 'exact_match'
+  c.eval.every = 0
+  c.eval.at_start = False
+  c.checkpoint_every = b.steps
+  c.keep_checkpoints = 1
   return c
 
 
