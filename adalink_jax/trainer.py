@@ -165,6 +165,24 @@ class Trainer:
     return metrics
 
 
+def restore_trainable(trainer: Trainer, trainable: dict, checkpoint: str) -> tuple[int, dict, dict]:
+  """Trainable params from a run's workdir (newest good step) -> (step, trainable, meta)."""
+  directory = os.path.join(checkpoint, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoints/ in {checkpoint!r}: pass the --workdir of a '
+                            'training run (python -m adalink_jax.train ... --workdir=DIR)')
+  with trainer.mesh:
+    opt_state = jax.eval_shape(trainer.tx.init, trainable)
+  ckpt = checkpointing.TrainCheckpointer(directory)
+  restored = ckpt.restore_latest({'trainable': checkpointing.abstract_like(trainable),
+                                  'opt_state': opt_state})
+  ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f'{directory} holds no readable checkpoint')
+  step, state, meta = restored
+  return step, state['trainable'], meta
+
+
 def _checkpoint_meta(config, backbone: dict, step: int) -> dict:
   return {'step': step, 'backbone': backbone, 'peft': dict(config.get('peft') or {}),
           'model': {'family': config.model.family, 'name': config.model.name}}

@@ -1,0 +1,70 @@
+"""``python -m adalink_jax.export --config=configs/X.py --workdir=RUN --out=DIR [--fold] [--backbone]``.
+
+Default: the adapter alone (``adapter.safetensors`` + ``adapter_card.json`` with method, ranks,
+modalities, tasks, base model and the base weights' hash). ``--fold`` also writes the text
+AdaLink folded into an encoder input-embedding table (``folded_embedding.safetensors``) that
+an unmodified T5 serves at no extra cost. ``--backbone`` writes the whole model (frozen +
+trainable merged) as a native backbone, e.g. the MMIT checkpoint the ``*_mmit`` configs start from.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'the run\'s config file', lock_config=True)
+flags.DEFINE_string('workdir', None, 'workdir of the training run')
+flags.DEFINE_string('out', None, 'output directory')
+flags.DEFINE_bool('fold', False, 'also write the folded text embedding table (AdaLink)')
+flags.DEFINE_bool('backbone', False, 'write frozen + trainable merged as a native backbone')
+flags.DEFINE_integer('task', -1, 'with --fold and a per-task bank: which task to fold')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from adalink_jax import logs  # pylint: disable=g-import-not-at-top
+  from adalink_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from adalink_jax.checkpoints import backbone  # pylint: disable=g-import-not-at-top
+  from adalink_jax import peft  # pylint: disable=g-import-not-at-top
+  logs.setup_logging()
+  config = FLAGS.config
+  t = trainer_lib.Trainer(config, FLAGS.out)
+  trainable, frozen = t.init_params()
+  step, trainable, meta = trainer_lib.restore_trainable(t, trainable, FLAGS.workdir)
+  backbone.check_same(meta.get('backbone', {}), backbone.describe(config.init, frozen))
+  os.makedirs(FLAGS.out, exist_ok=True)
+  if FLAGS.backbone:
+    backbone.save_native(FLAGS.out, peft.merge(trainable, frozen),
+                         {'family': config.model.family, 'name': config.model.name,
+                          'made_by': 'adalink_jax.export', 'source_run': FLAGS.workdir,
+                          'step': step})
+    print(f'wrote backbone {FLAGS.out}')
+    return 0
+  base = f'{config.model.family}:{config.model.name}'
+  card = peft.save_adapter(FLAGS.out, trainable, frozen, dict(config.peft), base,
+                           extra={'step': step, 'source_run': os.path.abspath(FLAGS.workdir)})
+  print(f'wrote adapter ({card["num_params"]:,} params) to {FLAGS.out}')
+  if FLAGS.fold:
+    if config.peft.method != 'adalink' or 'text' not in tuple(config.peft.modalities):
+      raise app.UsageError('--fold needs a text AdaLink (peft.method=adalink with modality text)')
+    params = peft.merge(trainable, frozen)
+    emb = params['t5' if config.model.family == 'pali' else 'token_embedder']
+    emb = emb['token_embedder']['embedding'] if config.model.family == 'pali' else emb['embedding']
+    adapters = params.get('encoder_input_adapter') or params['t5']['encoder_input_adapter']
+    table = peft.fold_text_embedding(emb, adapters['text'], config.peft.activation,
+                                     task=None if FLAGS.task < 0 else FLAGS.task)
+    save_file({'token_embedder/embedding': np.asarray(table)},
+              os.path.join(FLAGS.out, 'folded_embedding.safetensors'))
+    print(f'wrote folded encoder embedding table {tuple(table.shape)}')
+  return 0
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir', 'out'])
+  app.run(main)

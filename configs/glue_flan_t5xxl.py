@@ -1,0 +1,14 @@
+"""GLUE with a frozen FLAN-T5 XXL (text AdaLink at the input embeddings; paper's GLUE table).
+
+  python -m adalink_jax.train --config=configs/glue_flan_t5xxl.py:method=adalink,rank=64 --workdir=DIR \
+      --config.init.t5=/ckpt/flan-t5-xxl --config.data.tfds_data_dir=/data/tfds
+"""
+from adalink_jax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.glue('flan_t5_xxl', arg)
+
+
+def sweep(add):
+  config_lib.sweep_methods(add)
