@@ -74,19 +74,39 @@ def load_into(init: Mapping, params: dict, shapes: Any, shardings: Any, setup: A
   if init.get('native'):
     log.info('loading backbone from %s', init['native'])
     return _read_native_into(init['native'], params, shardings)
+  pali = setup.family == 'pali'
   if init.get('t5'):
+    t5_params, t5_sh = (params['t5'], shardings['t5']) if pali else (params, shardings)
     fmt = init.get('t5_format', 'hf')
-    if fmt != 'hf':
-      raise ValueError(f"config.init.t5_format={fmt!r}: this build loads 'hf' here")
-    from adalink_jax.checkpoints import hf  # pylint: disable=g-import-not-at-top
-    _, t5_params = hf.load_hf_t5(init['t5'], config=setup.t5_config)
-    target = params['t5'] if setup.family == 'pali' else params
-    _replace(target, t5_params, common.flatten(dict(shardings['t5'] if setup.family == 'pali'
-                                                    else shardings)))
-    if setup.family == 'pali':
-      log.warning('PaLI assembled from a T5 checkpoint: image tower and img_proj start fresh '
-                  'unless config.init.vit is given')
-  if not init:
+    log.info('loading the T5 encoder-decoder from %s (%s)', init['t5'], fmt)
+    if fmt == 'hf':
+      from adalink_jax.checkpoints import hf  # pylint: disable=g-import-not-at-top
+      _, loaded = hf.load_hf_t5(init['t5'], config=setup.t5_config)
+      _replace(t5_params, loaded, common.flatten(dict(t5_sh)))
+    elif fmt == 't5x':
+      from adalink_jax.checkpoints import t5x  # pylint: disable=g-import-not-at-top
+      t5_params = t5x.load_t5x_params(init['t5'], t5_params, shardings=t5_sh,
+                                      skip=_is_adapter_path)
+      params = dict(params, t5=t5_params) if pali else t5_params
+    else:
+      raise ValueError(f"config.init.t5_format={fmt!r}; choose 'hf' or 't5x'")
+  if init.get('vit'):
+    if not pali:
+      raise ValueError('config.init.vit is set but config.model.family is not pali')
+    fmt = init.get('vit_format', 'big_vision')
+    if fmt != 'big_vision':
+      raise ValueError(f"config.init.vit_format={fmt!r}: image towers load from big_vision npz "
+                       "(SigLIP / ViT / PaliGemma 'file.npz:img')")
+    from adalink_jax.checkpoints import big_vision  # pylint: disable=g-import-not-at-top
+    log.info('loading the image tower from %s', init['vit'])
+    params = dict(params, img=big_vision.load_big_vision_params(
+        init['vit'], params['img'], shardings=shardings['img'], skip=_is_adapter_path))
+  if pali and (init.get('t5') or init.get('vit')):
+    log.warning('PaLI assembled from separate checkpoints: img_proj (image -> text width) starts '
+                'from a fresh random initialisation%s',
+                '' if init.get('vit') and init.get('t5') else
+                '; so does the tower that was not given')
+  if not any(init.values()):
     log.warning('config.init is empty: the backbone is RANDOMLY initialised')
   return params
 
