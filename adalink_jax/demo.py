@@ -80,7 +80,7 @@ class ShapesTask:
 
   Each batch is a dict of numpy arrays: image ``[b, s, s, 3]``, encoder_input_tokens ``[b, L]``,
   decoder_input_tokens / decoder_target_tokens / decoder_loss_weights ``[b, T]``, task_id ``[b]``,
-  plus ``answers`` (list of lists of str) for evaluation.
+  plus ``answers`` (list of lists of str) and ``prompts`` (str) for evaluation.
   """
   spm_path: str
   mode: str = 'vqa'
@@ -118,19 +118,21 @@ class ShapesTask:
   def batch(self, index: int, split: str = 'train') -> dict:
     """Batch number ``index`` of ``split``: a pure function of (seed, split, index)."""
     rng = np.random.default_rng([self.seed, {'train': 0, 'eval': 1}[split], index])
-    imgs, enc, targets, answers = [], [], [], []
+    imgs, enc, targets, answers, prompts = [], [], [], [], []
     for _ in range(self.batch_size):
       img, prompt, answer = self.example(rng)
       imgs.append(img)
       enc.append(self._encode(prompt, self.text_len, eos=True))
       targets.append(self._encode(answer, self.target_len, eos=True))
       answers.append([answer] * 10)  # VQA format: ten (here identical) annotator answers
+      prompts.append(prompt)
     targets = np.stack(targets)
     dec_in = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
     return dict(image=np.stack(imgs), encoder_input_tokens=np.stack(enc),
                 decoder_input_tokens=dec_in, decoder_target_tokens=targets,
                 decoder_loss_weights=(targets > 0).astype(np.float32),
-                task_id=np.zeros((self.batch_size,), np.int32), answers=answers)
+                task_id=np.zeros((self.batch_size,), np.int32), answers=answers,
+                prompts=prompts)
 
   def train_batches(self, start: int = 0) -> Iterator[dict]:
     """Endless training batches from batch ``start`` (resume = start at the saved step)."""
