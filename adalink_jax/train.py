@@ -69,8 +69,8 @@ def main(argv):
     with config.unlocked():
       config.init.native = demo_assets.ensure(config, _pretrain_config_for_demo(config))
   result = trainer.train(config, FLAGS.workdir)
-  summary = {k: v for k, v in result.items() if k in ('step', 'final_loss', 'eval_at_start',
-                                                     'eval', 'preempted_at')}
+  summary = {k: v for k, v in result.items() if k in ('eval_at_start', 'eval', 'step',
+                                                     'final_loss', 'preempted_at')}
   print(f'done: {summary}\nresults in {os.path.abspath(FLAGS.workdir)}', flush=True)
   return 0
 

@@ -220,7 +220,7 @@ def train_and_return_params(config: Any, workdir: str) -> tuple[dict, dict]:
   total = int(config.total_steps)
   writer = logs.MetricWriter(workdir, total, start)
   step_fn = trainer.make_train_step()
-  result: dict = {}
+  result: dict = {'trainable_params': counts['trainable'], 'frozen_params': counts['frozen']}
   if config.eval.get('at_start', False) and start == 0:
     result['eval_at_start'] = trainer.evaluate(trainable, frozen, 0)
     writer.write(0, result['eval_at_start'], kind='eval')
