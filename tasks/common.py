@@ -1,0 +1,397 @@
+"""Pieces shared by every task: names, task ids, output features, sources, preprocessors.
+
+Every multimodal source yields the same example schema, so one preprocessing chain serves all
+captioning and VQA tasks::
+
+  image_path  tf.string []    JSON sources (COCO Captions from TFDS: 'image_encoded' bytes)
+  id          tf.string []    question id / image id, kept for prediction dumps
+  question    tf.string []    '' for captioning
+  target      tf.string []    training target: one caption / the most frequent answer
+  answers     tf.string [n]   all references (captions) or all answers, for the metrics
+  is_training tf.bool   []    True on the 'train' split: prompts are then sampled (mmit)
+
+Text-only (GLUE) sources keep their TFDS fields plus ``is_training``.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import json
+import logging
+import os
+import string
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from adalink_jax import data
+from adalink_jax.env import import_tensorflow
+
+tf = import_tensorflow()
+import seqio  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TRAIN = 'train'
+
+# Stable task ids for per-task adapter banks: one per benchmark, shared by both prompt
+# styles (and by MNLI's matched / mismatched eval tasks). Append only; never reorder.
+BENCHMARKS = ('coco_captions', 'textcaps', 'vqav2', 'okvqa', 'textvqa', 'stvqa', 'docvqa',
+              'glue_cola', 'glue_sst2', 'glue_mrpc', 'glue_qqp', 'glue_stsb', 'glue_mnli',
+              'glue_qnli', 'glue_rte')
+TASK_IDS: dict[str, int] = {b: i for i, b in enumerate(BENCHMARKS)}
+
+
+def benchmark_of(task_name: str) -> str:
+  """'vqav2_mmit' -> 'vqav2'; 'glue_mnli_mismatched_v002_raw' -> 'glue_mnli'."""
+  for style in data.PROMPT_STYLES:
+    if task_name.endswith('_' + style):
+      task_name = task_name[:-len(style) - 1]
+      break
+  if task_name.endswith('_v002'):
+    task_name = task_name[:-len('_v002')]
+  for suffix in ('_matched', '_mismatched'):
+    if task_name.endswith(suffix):
+      task_name = task_name[:-len(suffix)]
+  if task_name not in TASK_IDS:
+    raise KeyError(f'{task_name!r} is not a known benchmark; known: {list(BENCHMARKS)}')
+  return task_name
+
+
+def task_id(task_name: str) -> int:
+  """The adapter-bank id of a task (same for its raw and mmit variants)."""
+  return TASK_IDS[benchmark_of(task_name)]
+
+
+def resolve_style(style: Optional[str] = None) -> str:
+  """``style`` or, if None, the configured default (``data.configure(prompt_style=...)``)."""
+  style = style or data.config().prompt_style
+  if style not in data.PROMPT_STYLES:
+    raise ValueError(f'prompt style must be one of {data.PROMPT_STYLES}, got {style!r}')
+  return style
+
+
+def task_name(benchmark: str, style: Optional[str] = None) -> str:
+  """Registered name of a benchmark in a prompt style: ('vqav2', 'mmit') -> 'vqav2_mmit'.
+
+  GLUE benchmarks follow T5's naming: ('glue_cola', 'raw') -> 'glue_cola_v002_raw'.
+  """
+  style = resolve_style(style)
+  if benchmark.startswith('glue_'):
+    return f'{benchmark}_v002_{style}'
+  return f'{benchmark}_{style}'
+
+
+# ------------------------------------------------------------------------ output features
+
+def _passthrough(dtype, rank):
+  return seqio.Feature(seqio.PassThroughVocabulary(size=0), add_eos=False, dtype=dtype,
+                       rank=rank, required=True)
+
+
+def text_output_features() -> dict[str, seqio.Feature]:
+  """inputs / targets (configured SentencePiece, EOS appended) and the scalar task id."""
+  vocab = data.get_vocabulary()
+  return {
+      'inputs': seqio.Feature(vocab, add_eos=True, required=True),
+      'targets': seqio.Feature(vocab, add_eos=True),
+      'task_id': _passthrough(tf.int32, 0),
+  }
+
+
+def image_output_features() -> dict[str, seqio.Feature]:
+  """Text features plus ``image`` float32 [S, S, 3] in [-1, 1]."""
+  return {**text_output_features(), 'image': _passthrough(tf.float32, 3)}
+
+
+# ---------------------------------------------------------------------------------- sources
+
+EXAMPLE_SIGNATURE = {
+    'image_path': tf.TensorSpec([], tf.string),
+    'id': tf.TensorSpec([], tf.string),
+    'question': tf.TensorSpec([], tf.string),
+    'target': tf.TensorSpec([], tf.string),
+    'answers': tf.TensorSpec([None], tf.string),
+    'is_training': tf.TensorSpec([], tf.bool),
+}
+
+
+def record(image_path: str, id_: Any, question: str, target: str,
+           answers: Sequence[str]) -> dict[str, Any]:
+  """One example of a JSON source, in the common schema (without ``is_training``)."""
+  return {'image_path': image_path, 'id': str(id_), 'question': question or '',
+          'target': target or '', 'answers': [a or '' for a in answers]}
+
+
+def most_common(answers: Sequence[str]) -> str:
+  """Most frequent answer; ties go to the one seen first (deterministic)."""
+  if not answers:
+    return ''
+  counts = collections.Counter(answers)
+  best = max(counts.values())
+  return next(a for a in answers if counts[a] == best)
+
+
+def read_json(path: str) -> Any:
+  """Parses a JSON file (local or any TF-supported filesystem, e.g. gs://)."""
+  with tf.io.gfile.GFile(path, 'r') as f:
+    return json.load(f)
+
+
+class JsonImageSource(seqio.FunctionDataSource):
+  """Examples from official JSON annotation files plus an image folder.
+
+  ``records_fn(split) -> list[dict]`` reads the JSON (only when a dataset or its size is
+  first requested) and returns :func:`record` dicts; they are kept in memory per split and
+  data folder. The source shuffles the whole record list per epoch (seeded: epoch ``e`` of
+  seed ``s`` always gives the same order) and shards by example index, so every host reads
+  only its own images.
+  """
+
+  def __init__(self, name: str, records_fn: Callable[[str], list[dict]],
+               splits: Sequence[str]):
+    self._name = name
+    self._records_fn = records_fn
+    self._cache: dict[tuple, list[dict]] = {}
+    super().__init__(dataset_fn=self._dataset_fn, splits=splits)
+
+  @property
+  def name(self) -> str:
+    return self._name
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def records(self, split: str) -> list[dict]:
+    """The split's examples (cached per configured data folders)."""
+    if split not in self.splits:
+      raise ValueError(f'{self._name} has no split {split!r}; splits: {list(self.splits)}')
+    key = (split, tuple(sorted(data.config().data_dirs.items())))
+    if key not in self._cache:
+      self._cache[key] = self._records_fn(split)
+      logging.info('%s/%s: %d examples', self._name, split, len(self._cache[key]))
+    return self._cache[key]
+
+  def num_input_examples(self, split: str) -> int:
+    return len(self.records(split))
+
+  def _dataset_fn(self, split: str, shuffle_files: bool, seed: Optional[int] = None,
+                  shard_info: Optional[seqio.ShardInfo] = None) -> tf.data.Dataset:
+    records = self.records(split)
+    index = np.arange(len(records))
+    if shard_info and shard_info.num_shards > 1:
+      index = index[shard_info.index::shard_info.num_shards]
+    is_training = split == TRAIN
+    epochs = itertools.count()
+
+    def generate():
+      # TF calls this afresh for every pass over the data, so each epoch reshuffles.
+      order = index
+      if shuffle_files:
+        rng = np.random.default_rng(None if seed is None else [int(seed), next(epochs)])
+        order = rng.permutation(index)
+      for i in order:
+        yield {**records[i], 'is_training': is_training}
+
+    return tf.data.Dataset.from_generator(generate, output_signature=EXAMPLE_SIGNATURE)
+
+  def get_dataset(self, split: str = TRAIN, shuffle: bool = True, seed: Optional[int] = None,
+                  shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None,
+                  use_cached: bool = False, num_epochs: Optional[int] = 1) -> tf.data.Dataset:
+    del sequence_length, use_cached, num_epochs  # handled by the Task
+    return self._dataset_fn(split, shuffle, seed, shard_info)
+
+
+class TrainingFlagTfdsSource(seqio.TfdsDataSource):
+  """A TfdsDataSource whose examples also carry ``is_training`` (True on 'train').
+
+  ``map_fn(ds, split)`` optionally reshapes the TFDS examples (e.g. into the common schema);
+  everything else, including ``num_input_examples``, is seqio's TfdsDataSource unchanged.
+  """
+
+  def __init__(self, tfds_name: str, splits: Mapping[str, str], hint_key: str,
+               map_fn: Optional[Callable[[tf.data.Dataset, str], tf.data.Dataset]] = None,
+               decoders: Optional[Mapping[str, Any]] = None):
+    # read_only: never download / prepare implicitly (seqio's default would start fetching
+    # COCO from inside a training job); an unprepared dataset raises a clear error instead.
+    super().__init__(tfds_name=tfds_name, splits=dict(splits), decoders=decoders,
+                     read_only=True)
+    self._map_fn = map_fn
+    self._hint_key = hint_key
+
+  def get_dataset(self, split: str = TRAIN, shuffle: bool = True, seed: Optional[int] = None,
+                  shard_info: Optional[seqio.ShardInfo] = None, **kwargs) -> tf.data.Dataset:
+    try:
+      ds = super().get_dataset(split, shuffle=shuffle, seed=seed, shard_info=shard_info,
+                               **kwargs)
+    except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
+      where = data.config().tfds_data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')
+      raise data.DataNotFoundError(
+          f'TFDS dataset {self.tfds_dataset.name!r} (split {split!r}) is not prepared in '
+          f'{where!r}; set it with adalink_jax.data.configure(tfds_data_dir=...). '
+          f'{data.DOWNLOAD_HINTS[self._hint_key]}. TFDS said: {e}') from e
+    if self._map_fn is not None:
+      ds = self._map_fn(ds, split)
+    training = split == TRAIN
+    return ds.map(lambda ex: {**ex, 'is_training': tf.constant(training)},
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------- preprocessors
+
+
+def decode_images(dataset: tf.data.Dataset, dataset_name: str) -> tf.data.Dataset:
+  """Gets each example's image, skipping (and counting) unreadable ones; resizes it to the
+  configured size and scales it to [-1, 1] float32.
+
+  The image comes from ``image_path`` (a file), ``image_encoded`` (bytes, e.g. TFDS with
+  skipped decoding; ``id`` names a bad one) or ``image`` (already decoded uint8).
+  """
+  size = data.config().image_size  # read when the pipeline is built, not at import
+
+  def load(ex):
+    ex = dict(ex)
+    if 'image_path' in ex:
+      ex['image'], ex['_ok'] = data.load_image(ex.pop('image_path'), dataset_name)
+    else:
+      ex['image'], ex['_ok'] = data.decode_image(ex.pop('image_encoded'), ex['id'],
+                                                 dataset_name)
+    return ex
+
+  spec = dataset.element_spec
+  if 'image_path' in spec or 'image_encoded' in spec:
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.filter(lambda ex: ex['_ok'])
+    dataset = dataset.map(lambda ex: {k: v for k, v in ex.items() if k != '_ok'})
+
+  def resize(ex):
+    return {**ex, 'image': data.preprocess_image(ex['image'], size)}
+  return dataset.map(resize, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _format(template: str, ex: Mapping[str, tf.Tensor]) -> tf.Tensor:
+  parts = []
+  for literal, field, spec, conv in string.Formatter().parse(template):
+    if literal:
+      parts.append(tf.constant(literal))
+    if field is not None:
+      if spec or conv:
+        raise ValueError(f'template {template!r}: format specs are not supported')
+      if field not in ex:
+        raise KeyError(f'template {template!r} needs field {field!r}; example has '
+                       f'{sorted(ex)}')
+      parts.append(ex[field])
+  return tf.strings.join(parts) if parts else tf.constant('')
+
+
+def format_prompts(dataset: tf.data.Dataset, *, templates: Sequence[str],
+                   target_field: str = 'target') -> tf.data.Dataset:
+  """Writes ``inputs`` from ``templates`` (``{field}`` placeholders) and ``targets``.
+
+  Training examples (``is_training``) use a template drawn with seqio's per-example
+  stateless seeds, so a fixed ``Task.get_dataset(seed=...)`` gives fixed prompts; every
+  other split always uses ``templates[0]``.
+  """
+  templates = list(templates)
+  if not templates:
+    raise ValueError('format_prompts needs at least one template')
+
+  @seqio.map_over_dataset(num_seeds=1)
+  def fn(ex, seed):
+    out = dict(ex)
+    candidates = tf.stack([_format(t, ex) for t in templates])
+    if len(templates) == 1:
+      idx = tf.constant(0)
+    else:
+      drawn = tf.random.stateless_uniform([], seed, 0, len(templates), dtype=tf.int32)
+      idx = tf.where(ex['is_training'], drawn, 0)
+    # No stripping: raw GLUE must equal T5's strings byte for byte.
+    out['inputs'] = candidates[idx]
+    out['targets'] = ex[target_field]
+    out['prompt_index'] = idx
+    return out
+
+  return fn(dataset)  # pylint: disable=no-value-for-parameter
+
+
+def tokenize_text(dataset: tf.data.Dataset,
+                  output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+  """seqio tokenization restricted to the string features (inputs, targets)."""
+  text = {k: v for k, v in output_features.items() if v.dtype == tf.int32 and v.rank == 1}
+  return seqio.preprocessors.tokenize(dataset, text, copy_pretokenized=True)
+
+
+def add_task_id(dataset: tf.data.Dataset, task_id_value: int) -> tf.data.Dataset:
+  """Adds the scalar int32 ``task_id`` feature."""
+  tid = tf.constant(task_id_value, tf.int32)
+  return dataset.map(lambda ex: {**ex, 'task_id': tid}, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def text_chain(templates: Sequence[str], tid: int, target_field: str = 'target') -> list:
+  """Prompting, tokenization, EOS and task id: the tail of every task's preprocessors."""
+  return [
+      functools.partial(format_prompts, templates=tuple(templates), target_field=target_field),
+      tokenize_text,
+      seqio.preprocessors.append_eos_after_trim,
+      functools.partial(add_task_id, task_id_value=tid),
+  ]
+
+
+# ---------------------------------------------------------------------------- postprocessing
+
+
+def _to_str(x) -> str:
+  return x.decode('utf-8') if isinstance(x, bytes) else str(x)
+
+
+def references_postprocessor(output: Any, example: Optional[Mapping[str, Any]] = None,
+                             is_target: bool = False) -> Any:
+  """Targets -> the example's list of reference strings (``answers``); predictions -> str."""
+  if is_target:
+    if example is None or 'answers' not in example:
+      raise ValueError('evaluation targets need the example\'s "answers" feature '
+                       '(all references); got none')
+    return [_to_str(a) for a in np.asarray(example['answers']).reshape(-1)]
+  return _to_str(output).strip()
+
+
+# ----------------------------------------------------------------------------- registration
+
+_REGISTERED_TASKS: list[str] = []
+_REGISTERED_MIXTURES: list[str] = []
+
+
+def add_task(name: str, **kwargs) -> seqio.Task:
+  """(Re)registers a task; remembered so :func:`clear_registrations` can undo it."""
+  seqio.TaskRegistry.remove(name)
+  task = seqio.TaskRegistry.add(name, **kwargs)
+  if name not in _REGISTERED_TASKS:
+    _REGISTERED_TASKS.append(name)
+  return task
+
+
+def add_mixture(name: str, tasks: Sequence[tuple[str, float]]) -> seqio.Mixture:
+  """(Re)registers a mixture of ``(task_name, rate)`` pairs."""
+  seqio.MixtureRegistry.remove(name)
+  mixture = seqio.MixtureRegistry.add(name, list(tasks))
+  if name not in _REGISTERED_MIXTURES:
+    _REGISTERED_MIXTURES.append(name)
+  return mixture
+
+
+def clear_registrations() -> None:
+  """Removes every task and mixture this package registered."""
+  for name in _REGISTERED_MIXTURES:
+    seqio.MixtureRegistry.remove(name)
+  for name in _REGISTERED_TASKS:
+    seqio.TaskRegistry.remove(name)
+  _REGISTERED_MIXTURES.clear()
+  _REGISTERED_TASKS.clear()
+
+
+def registered_tasks() -> list[str]:
+  return list(_REGISTERED_TASKS)
+
+
+def registered_mixtures() -> list[str]:
+  return list(_REGISTERED_MIXTURES)
