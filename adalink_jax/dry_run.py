@@ -9,6 +9,7 @@ import numpy as np
 
 from adalink_jax import model_builder
 from adalink_jax import partitioning
+from adalink_jax import trainer
 from adalink_jax.peft import methods as peft_methods
 
 # Optimizer slots per trainable parameter (AdamW: mu and nu; Adafactor: factored, ~0).
@@ -46,11 +47,8 @@ def report(config: Any) -> str:
   """The dry-run text: parameter table, sharding plan, per-device memory estimate."""
   setup = model_builder.build(config)
   mesh = partitioning.make_mesh(**dict(config.mesh))
-  d = config.data
-  batch = setup.init_batch(int(config.batch_size), int(d.text_len), int(d.target_len))
-  boxed = jax.eval_shape(setup.init, jax.random.key(0), batch)
+  boxed, shardings, _ = trainer.plan_params(config, setup, mesh)
   shapes = nn.unbox(boxed)
-  shardings = partitioning.param_shardings(boxed, mesh, replicate=setup.trainable)
   counts = peft_methods.param_counts(shapes, setup.trainable,
                                      num_tasks=int(config.peft.get('num_tasks', 1)))
   mem = memory_estimate(shapes, shardings, setup.trainable, setup.frozen_dtype,

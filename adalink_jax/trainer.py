@@ -58,6 +58,19 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._old)
 
 
+def plan_params(config: Any, setup: model_builder.Setup, mesh) -> tuple[Any, Any, dict]:
+  """(boxed parameter shapes, their shardings, an init batch), all abstract: nothing allocated.
+
+  Adapters are replicated (tiny, updated every step); frozen weights follow the rules table.
+  Full fine-tuning trains everything, so everything follows the rules table.
+  """
+  d = config.data
+  batch = setup.init_batch(int(config.batch_size), int(d.text_len), int(d.target_len))
+  boxed = jax.eval_shape(setup.init, jax.random.key(0), batch)
+  replicate = None if config.peft.method == 'ft' else setup.trainable
+  return boxed, partitioning.param_shardings(boxed, mesh, replicate=replicate), batch
+
+
 class Trainer:
   """Everything built from a config: model, mesh, shardings, frozen weights, step functions."""
 
@@ -67,15 +80,9 @@ class Trainer:
     self.setup = model_builder.build(config)
     self.mesh = partitioning.make_mesh(**dict(config.mesh))
     self.source = input_pipeline.make_source(config)
-    d = config.data
-    batch = self.setup.init_batch(config.batch_size, d.text_len, d.target_len)
-    self.boxed_shapes = jax.eval_shape(self.setup.init, jax.random.key(0), batch)
-    is_trainable = self.setup.trainable
-    # Adapters are replicated (tiny, updated every step); frozen weights follow the rules table.
-    self.param_shardings = partitioning.param_shardings(self.boxed_shapes, self.mesh,
-                                                        replicate=is_trainable)
+    self.boxed_shapes, self.param_shardings, self._init_batch = plan_params(
+        config, self.setup, self.mesh)
     self.tx, self.schedule = optim.make_optimizer(dict(config.optimizer))
-    self._init_batch = batch
 
   # ---------------------------------------------------------------- parameters
 

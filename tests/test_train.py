@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -66,7 +67,14 @@ def final_trainable(workdir):
   """The trainable params of the newest checkpoint, as numpy, read with Orbax directly."""
   ckdir = pathlib.Path(workdir) / 'checkpoints'
   step = max(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
-  state = ocp.StandardCheckpointer().restore(ckdir / str(step) / 'state')
+  path = ckdir / str(step) / 'state'
+  ckptr = ocp.StandardCheckpointer()
+  # Restore onto this process's first device whatever mesh or process count saved it.
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  meta = ckptr.metadata(path)
+  meta = getattr(meta, 'item_metadata', meta)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+  state = ckptr.restore(path, target)
   flat = {}
 
   def walk(prefix, node):
