@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from adalink_jax import checkpointing
 from adalink_jax import decoding
@@ -103,6 +104,16 @@ class Trainer:
                           if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
     return trainable, frozen
 
+  def init_opt_state(self, trainable: dict) -> Any:
+    """Optimizer state on the mesh: slots follow their parameter, scalars are replicated."""
+    with self.mesh:
+      state = jax.jit(self.tx.init)(trainable)
+    replicated = NamedSharding(self.mesh, P())
+    # Scalars (step counts) come back on one device; pin them to the mesh so a restored
+    # state has the same placement as a fresh one.
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
+                        else jax.device_put(x, replicated), state)
+
   # ---------------------------------------------------------------- steps
 
   def batch_shardings(self, batch: dict) -> dict:
@@ -178,11 +189,9 @@ def restore_trainable(trainer: Trainer, trainable: dict, checkpoint: str) -> tup
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoints/ in {checkpoint!r}: pass the --workdir of a '
                             'training run (python -m adalink_jax.train ... --workdir=DIR)')
-  with trainer.mesh:
-    opt_state = jax.eval_shape(trainer.tx.init, trainable)
   ckpt = checkpointing.TrainCheckpointer(directory)
-  restored = ckpt.restore_latest({'trainable': checkpointing.abstract_like(trainable),
-                                  'opt_state': opt_state})
+  restored = ckpt.restore_latest(checkpointing.abstract_like(
+      {'trainable': trainable, 'opt_state': trainer.init_opt_state(trainable)}))
   ckpt.close()
   if restored is None:
     raise FileNotFoundError(f'{directory} holds no readable checkpoint')
@@ -209,8 +218,7 @@ def train_and_return_params(config: Any, workdir: str) -> tuple[dict, dict]:
   counts = peft_methods.param_counts(peft_methods.merge(trainable, frozen), trainer.setup.trainable,
                                      num_tasks=int(config.peft.get('num_tasks', 1)))
   log.info('parameters:\n%s', peft_methods.param_table(counts))
-  with trainer.mesh:
-    opt_state = jax.jit(trainer.tx.init)(trainable)
+  opt_state = trainer.init_opt_state(trainable)
 
   ckpt = checkpointing.TrainCheckpointer(os.path.join(workdir, 'checkpoints'),
                                          max_to_keep=int(config.keep_checkpoints),

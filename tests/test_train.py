@@ -131,7 +131,8 @@ def test_kill9_then_resume_is_bit_exact(assets, tmp_path):
   deadline = time.time() + 240
   # Kill hard once a middle checkpoint is committed (Orbax renames it into place atomically).
   while time.time() < deadline and proc.poll() is None:
-    done = [p for p in ckdir.glob('[0-9]*') if (p / '_CHECKPOINT_METADATA').exists()]
+    done = [p for p in ckdir.glob('[0-9]*') if p.name.isdigit()
+            and (p / '_CHECKPOINT_METADATA').exists()]
     if any(int(p.name) >= 4 for p in done):
       proc.send_signal(signal.SIGKILL)
       break
@@ -140,7 +141,10 @@ def test_kill9_then_resume_is_bit_exact(assets, tmp_path):
   assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
   killed_at = max(int(r['step']) for r in rows(str(run)))
   assert killed_at < 12
-  subprocess.run(cli_args(assets, run), check=True, capture_output=True, cwd=ROOT, timeout=300)
+  resumed = subprocess.run(cli_args(assets, run), capture_output=True, text=True, cwd=ROOT,
+                           timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed from step' in resumed.stderr
   step_a, a = final_trainable(ref)
   step_b, b = final_trainable(run)
   assert step_a == step_b == 12
