@@ -7,9 +7,9 @@ rewrites the positions whose ``modality == m``::
 
     x' = x + act(x @ down_m + down_bias_m) @ up_m + up_bias_m      (biases optional)
 
-and leaves every other position (other modalities, prompt tokens) bit-identical. Padding
-positions of a modality are adapted too (the encoder masks them anyway; this keeps the
-adapter a per-token function of the embedding, which is what makes folding exact).
+and leaves every other position (other modalities, prompt tokens -- modality ``PROMPT``)
+bit-identical. Padding positions of a modality are adapted too (the encoder masks them anyway;
+this keeps the adapter a per-token function of the embedding, which makes folding exact).
 As ``decoder_input_adapter`` the same module (text only) acts on the decoder token
 embeddings, including during KV-cache decoding (it is per-token).
 
@@ -46,7 +46,8 @@ def modality_id(name: str) -> int:
 def _per_example(p: jax.Array, task_id: Optional[jax.Array], num_tasks: int) -> jax.Array:
   """Bank ``[tasks, ...]`` -> per-example ``[b, ...]`` with one gather (no Python loop)."""
   if task_id is None:
-    raise ValueError(f'this adapter holds a bank of num_tasks={num_tasks} adapters: pass task_id[b]')
+    raise ValueError(f'this adapter holds a bank of num_tasks={num_tasks} adapters: '
+                     'pass task_id[b]')
   return jnp.take(p, task_id.astype(jnp.int32), axis=0)
 
 
@@ -160,7 +161,7 @@ def fold_text_embedding(embedding: jax.Array, text_params: dict, activation: str
   delta = get_activation(activation)(h) @ p['up'].astype(dtype)
   if 'up_bias' in p:
     delta = delta + p['up_bias'].astype(dtype)
-  return (e + delta).astype(embedding.dtype)
+  return e + delta  # in `dtype`: a bf16 base table would otherwise round the fold away
 
 
 def folded_encoder_params(params: dict, folded_table: jax.Array) -> dict:

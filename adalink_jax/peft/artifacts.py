@@ -1,0 +1,135 @@
+"""Adapter artifacts: the trained params alone (safetensors) + a JSON card. No pickle.
+
+A directory holds ``adapter.safetensors`` (tensor names are ``'/'``-joined param paths) and
+``adapter_card.json`` (method, ranks, modalities, tasks, base model name, the base weights'
+hash and shapes). :func:`load_adapter` refuses a base whose hash or shapes differ unless
+``force=True``, and says exactly what differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors.flax import load_file, save_file
+
+from adalink_jax.peft import methods
+
+FORMAT = 'adalink_jax.adapter/v1'
+TENSORS, CARD = 'adapter.safetensors', 'adapter_card.json'
+
+
+def _flat(tree: Mapping) -> dict[str, Any]:
+  return methods._flat(tree)
+
+
+def base_hash(frozen: Mapping) -> str:
+  """sha256 over the frozen params, leaf by leaf in sorted path order: name, dtype, shape, bytes.
+
+  Deterministic across runs and hosts (C-order, little-endian bytes); only one leaf is on the
+  host at a time. Dtype is part of the hash: a bf16 copy of a base is a different base.
+  """
+  h = hashlib.sha256()
+  for name, leaf in sorted(_flat(frozen).items()):
+    a = np.asarray(jax.device_get(leaf))
+    a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder('<')))
+    h.update(f'{name}|{a.dtype.name}|{list(a.shape)}|'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def base_shapes(frozen: Mapping) -> dict[str, list]:
+  """``{path: [shape, dtype]}`` of the frozen params (stored in the card for diagnostics)."""
+  return {k: [list(v.shape), np.dtype(v.dtype).name] for k, v in sorted(_flat(frozen).items())}
+
+
+def save_adapter(directory: str, trainable: Mapping, frozen: Mapping, peft_cfg: Any,
+                 base_model: str, extra: Optional[Mapping[str, Any]] = None) -> dict:
+  """Writes ``<directory>/adapter.safetensors`` + ``adapter_card.json``; returns the card."""
+  cfg = methods.parse(peft_cfg)
+  flat = {k: jnp.asarray(v) for k, v in _flat(trainable).items()}
+  if not flat:
+    raise ValueError('save_adapter: no trainable params to save')
+  os.makedirs(directory, exist_ok=True)
+  save_file(flat, os.path.join(directory, TENSORS), metadata={'format': FORMAT})
+  counts = methods.param_counts(trainable, lambda _: True, cfg.num_tasks)
+  card = dict(
+      format=FORMAT, method=cfg.method, base_model=base_model,
+      base_hash=base_hash(frozen), base_shapes=base_shapes(frozen),
+      ranks=cfg.ranks() if cfg.method == 'adalink' else (
+          {'lora': cfg.rank} if cfg.method == 'lora' else {}),
+      modalities=list(cfg.modalities) if cfg.method == 'adalink' else [],
+      num_tasks=cfg.num_tasks, num_params=counts['trainable'],
+      tensors={k: [list(v.shape), np.dtype(v.dtype).name] for k, v in sorted(flat.items())},
+      peft=_jsonable(dataclasses.asdict(cfg)), extra=_jsonable(dict(extra or {})))
+  with open(os.path.join(directory, CARD), 'w') as f:
+    json.dump(card, f, indent=2, sort_keys=True)
+  return card
+
+
+def read_card(directory: str) -> dict:
+  """Reads and checks ``adapter_card.json``."""
+  path = os.path.join(directory, CARD)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no adapter card at {path}')
+  with open(path) as f:
+    card = json.load(f)
+  if card.get('format') != FORMAT:
+    raise ValueError(f'{path}: format {card.get("format")!r}, expected {FORMAT!r}')
+  return card
+
+
+def load_adapter(directory: str, frozen: Mapping, *, template: Optional[Mapping] = None,
+                 force: bool = False) -> tuple[dict, dict]:
+  """Loads adapter params for the base ``frozen``; returns ``(trainable, card)``.
+
+  Refuses (ValueError naming the differing params/shapes or the two hashes) when the base
+  differs from the one the adapter was trained on, unless ``force=True``. ``template``
+  (e.g. freshly initialised trainable params) additionally checks adapter names and shapes.
+  """
+  card = read_card(directory)
+  problems = _base_diff(card, frozen)
+  if problems and not force:
+    raise ValueError(f'adapter {directory} was trained on base {card["base_model"]!r} and does '
+                     'not match the given base (pass force=True to load anyway):\n  ' +
+                     '\n  '.join(problems))
+  flat = load_file(os.path.join(directory, TENSORS))
+  if template is not None:
+    want = {k: list(v.shape) for k, v in _flat(template).items()}
+    got = {k: list(v.shape) for k, v in flat.items()}
+    diff = [f'{k}: file {got.get(k)} vs model {want.get(k)}'
+            for k in sorted(set(want) | set(got)) if got.get(k) != want.get(k)]
+    if diff:
+      raise ValueError(f'adapter {directory} does not fit the model:\n  ' + '\n  '.join(diff))
+  return traverse_util.unflatten_dict(dict(flat), sep='/'), card
+
+
+def _base_diff(card: Mapping, frozen: Mapping) -> list[str]:
+  """Human-readable differences between the card's base and ``frozen`` (empty if identical)."""
+  have, want = base_shapes(frozen), card['base_shapes']
+  out = [f'missing in given base: {k} {want[k]}' for k in sorted(set(want) - set(have))]
+  out += [f'not in adapter\'s base: {k} {have[k]}' for k in sorted(set(have) - set(want))]
+  out += [f'{k}: adapter\'s base {want[k]} vs given {have[k]}'
+          for k in sorted(set(have) & set(want)) if have[k] != want[k]]
+  if not out:
+    got = base_hash(frozen)
+    if got != card['base_hash']:
+      out.append(f'same names and shapes but different weights: base hash '
+                 f'{card["base_hash"][:16]}... (adapter) vs {got[:16]}... (given)')
+  return out
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (str, int, float, bool)) or x is None:
+    return x
+  return str(x)
