@@ -251,8 +251,10 @@ def train_and_return_params(config: Any, workdir: str) -> tuple[dict, dict]:
       trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
                                               jnp.asarray(step, jnp.int32))
       step += 1
+      # One read of the flag per step: the save and the exit below must agree on it.
+      stop = preempt.requested
       is_log = step % int(config.log_every) == 0 or step == total
-      is_ckpt = step % int(config.checkpoint_every) == 0 or step == total or preempt.requested
+      is_ckpt = step % int(config.checkpoint_every) == 0 or step == total or stop
       is_eval = int(config.eval.every) > 0 and (step % int(config.eval.every) == 0 or step == total)
       if is_log or is_ckpt or is_eval:
         loss = float(metrics['loss'])
@@ -276,10 +278,14 @@ def train_and_return_params(config: Any, workdir: str) -> tuple[dict, dict]:
         result['eval'] = eval_metrics
         log.info('eval at step %d: %s', step, eval_metrics)
       if is_ckpt:
-        ckpt.save(step, {'trainable': trainable, 'opt_state': opt_state},
-                  _checkpoint_meta(config, backbone, step), metrics=eval_metrics)
+        # force: Orbax's own save policy must not veto a preemption or final save.
+        saved = ckpt.save(step, {'trainable': trainable, 'opt_state': opt_state},
+                          _checkpoint_meta(config, backbone, step), metrics=eval_metrics,
+                          force=True)
+        if not saved:
+          raise RuntimeError(f'checkpoint at step {step} was not written to {ckpt.directory}')
         last_good = step
-      if preempt.requested:
+      if stop:
         log.warning('SIGTERM received: saved step %d, exiting', step)
         result['preempted_at'] = step
         break

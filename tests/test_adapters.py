@@ -260,7 +260,6 @@ def test_adalink_param_count_palix_32b_is_1048576():
     (dict(method='adalink', modalities=('text', 'audio')), 'modalities'),
     (dict(method='adalink', activation='swish2'), 'activation'),
     (dict(method='adalink', rank={'text': 4}), 'rank'),
-    (dict(method='lora', lora_targets=('query', 'wi')), 'lora_targets'),
     (dict(method='lora', lora_targets=('qkv',)), 'lora_targets'),
     (dict(method='adapter', adapter_where=('cross',)), 'adapter_where'),
     (dict(method='lora', num_tasks=2), 'num_tasks'),
@@ -268,6 +267,18 @@ def test_adalink_param_count_palix_32b_is_1048576():
 def test_config_errors_name_the_field(peft_cfg, field):
   with pytest.raises(ValueError, match=field):
     peft.build(peft_cfg, CFG)
+
+
+def test_lora_targets_select_projections():
+  """LoRA on 'wi' alone adapts every input projection of the gated MLP and nothing else."""
+  built = peft.build(dict(method='lora', rank=2, lora_targets=('query', 'wi')), CFG)
+  model = t5.T5(built.t5_config)
+  tok = jnp.ones((1, 4), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tok, tok)['params']
+  lora_paths = sorted(k for k in peft.methods._flat(shapes) if '/lora/' in k)
+  layer = [k.split('/', 2)[2] for k in lora_paths if k.startswith('encoder/layers_0/')]
+  assert sorted({p.rsplit('/lora/', 1)[0] for p in layer}) == [
+      'attention/query', 'mlp/wi_0', 'mlp/wi_1']
 
 
 def test_trainable_predicates():

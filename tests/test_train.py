@@ -157,7 +157,7 @@ def test_sigterm_saves_and_exits_zero(assets, tmp_path):
   proc = subprocess.Popen(cli_args(assets, tmp_path, total_steps=100000,
                                    checkpoint_every=100000,
                                    **{'optimizer.total_steps': 100000}),
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
   while time.time() < deadline:
     if (tmp_path / 'metrics.jsonl').exists() and len(rows(str(tmp_path))) >= 3:
@@ -167,6 +167,7 @@ def test_sigterm_saves_and_exits_zero(assets, tmp_path):
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out[-2000:]
   result = json.loads((tmp_path / 'result.json').read_text())
+  assert os.listdir(tmp_path / 'checkpoints'), out[-3000:]
   step, _ = final_trainable(tmp_path)
   assert result['preempted_at'] == step >= 3
 

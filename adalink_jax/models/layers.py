@@ -139,11 +139,14 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     """``x[b, l, embed] -> [b, l, embed]``."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    # LoRA per projection: 'wi' (all input projections of a gated MLP) and/or 'wo'.
+    lora = lambda target: self.lora if self.lora and target in self.lora.targets else None
     h = None
     for i, act in enumerate(self.activations):
       name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
-      hi = activation(act)(Dense(self.intermediate_dim, ('embed', 'mlp'), name=name, **kw)(x))
+      hi = activation(act)(Dense(self.intermediate_dim, ('embed', 'mlp'), name=name,
+                                 lora=lora('wi'), **kw)(x))
       h = hi if h is None else h * hi
     h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=deterministic)
-    return Dense(x.shape[-1], ('mlp', 'embed'), name='wo', **kw)(h)
+    return Dense(x.shape[-1], ('mlp', 'embed'), name='wo', lora=lora('wo'), **kw)(h)

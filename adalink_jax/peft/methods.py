@@ -108,10 +108,6 @@ def _validate(cfg: PeftConfig) -> None:
     unknown = [t for t in cfg.lora_targets if t not in LORA_TARGETS]
     if unknown or not cfg.lora_targets:
       bad('lora_targets', f'choose a non-empty subset of {LORA_TARGETS}')
-    if len({'wi', 'wo'} & set(cfg.lora_targets)) == 1:
-      # layers.MlpBlock hands one LoRA config to every MLP projection.
-      bad('lora_targets',
-          "the MLP projections take LoRA together: list both 'wi' and 'wo' or neither")
   if cfg.method == 'adapter':
     if cfg.adapter_dim < 1:
       bad('adapter_dim', 'must be >= 1')
