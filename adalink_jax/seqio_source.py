@@ -43,8 +43,15 @@ class SeqioSource:
     self.converter = data.PaLIFeatureConverter(
         image_size=int(d.image_size) if multimodal else None, with_task_id=multimodal)
     self.local_batch = input_pipeline.local_batch_size(int(config.batch_size))
-    self.shard = seqio.ShardInfo(jax.process_index(), jax.process_count())
+    # One process reads everything (seqio's default); several each read their own shard.
+    self.shard = (seqio.ShardInfo(jax.process_index(), jax.process_count())
+                  if jax.process_count() > 1 else None)
     self.vocab = self.train_task.output_features['targets'].vocabulary
+    model_vocab = int(config.model.get('t5', {}).get('vocab_size', 0) or 0)
+    if model_vocab and self.vocab.vocab_size > model_vocab:
+      raise ValueError(f'the task vocabulary has {self.vocab.vocab_size} ids but '
+                       f'config.model.t5.vocab_size={model_vocab}: ids beyond the embedding '
+                       'table would be silently clamped; raise config.model.t5.vocab_size')
 
   def _numpy(self, ds) -> Iterator[dict]:
     for b in ds.as_numpy_iterator():
@@ -64,7 +71,9 @@ class SeqioSource:
     raw = self.eval_task.get_dataset(self.lengths, split=d.get('eval_split', 'validation'),
                                      shuffle=False, num_epochs=1, shard_info=self.shard,
                                      use_cached=False)
-    refs = raw.map(lambda ex: {'answers': ex['answers'], 'inputs': ex['inputs']})
+    # Multimodal tasks carry every reference in 'answers'; text tasks have one target string.
+    ref_key = 'answers' if 'answers' in raw.element_spec else 'targets_pretokenized'
+    refs = raw.map(lambda ex: {'answers': tf.reshape(ex[ref_key], [-1]), 'inputs': ex['inputs']})
     model = self.converter(raw, self.lengths)
     batches = 0
     rows, ref_rows = [], []
@@ -77,11 +86,17 @@ class SeqioSource:
         batches += 1
         if num_batches and batches >= num_batches:
           return
+    if rows:  # the last, partial batch: padded, with 'valid' marking the real rows
+      yield self._eval_batch(rows, ref_rows)
 
   def _eval_batch(self, rows, ref_rows) -> dict:
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k in _MODEL_KEYS}
-    batch['answers'] = [[a.decode('utf-8') for a in r['answers']] for r in ref_rows]
-    batch['prompts'] = [self.vocab.decode(r['inputs'].tolist()) for r in ref_rows]
+    n = len(rows)
+    pad = self.local_batch - n
+    batch = {k: np.stack([r[k] for r in rows] + [rows[-1][k]] * pad)
+             for k in rows[0] if k in _MODEL_KEYS}
+    batch['answers'] = [[a.decode('utf-8') for a in r['answers']] for r in ref_rows] + [[]] * pad
+    batch['prompts'] = [self.vocab.decode(r['inputs'].tolist()) for r in ref_rows] + [''] * pad
+    batch['valid'] = np.arange(self.local_batch) < n
     return batch
 
   def decode_text(self, ids) -> str:

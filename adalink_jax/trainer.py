@@ -80,6 +80,10 @@ class Trainer:
     self.workdir = workdir
     self.setup = model_builder.build(config)
     self.mesh = partitioning.make_mesh(**dict(config.mesh))
+    replicas = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    if int(config.batch_size) % replicas:
+      raise ValueError(f'config.batch_size={config.batch_size} must be divisible by '
+                       f'mesh data x fsdp = {replicas} (the batch is split over them)')
     self.source = input_pipeline.make_source(config)
     self.boxed_shapes, self.param_shardings, self._init_batch = plan_params(
         config, self.setup, self.mesh)
@@ -164,13 +168,17 @@ class Trainer:
     predictions, references, prompts = [], [], []
     with self.mesh:
       for local in self.source.eval_batches(int(cfg.num_batches)):
+        n = len(local['answers'])
+        valid = local.pop('valid', np.ones((n,), bool))
         tokens = predict(params, self.to_global(local))
-        tokens = multihost_utils.process_allgather(tokens, tiled=True)
+        tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
+        valid = input_pipeline.gather_strings([bool(v) for v in valid])
         refs = input_pipeline.gather_strings(local['answers'])
-        prm = input_pipeline.gather_strings(local.get('prompts', [''] * len(local['answers'])))
-        predictions += [self.source.decode_text(t) for t in np.asarray(tokens)]
-        references += refs
-        prompts += prm
+        prm = input_pipeline.gather_strings(local.get('prompts', [''] * n))
+        keep = [i for i, v in enumerate(valid) if v]  # drop the padding of a last batch
+        predictions += [self.source.decode_text(tokens[i]) for i in keep]
+        references += [refs[i] for i in keep]
+        prompts += [prm[i] for i in keep]
     metrics = input_pipeline.compute_metrics(cfg.metric, predictions, references)
     if write and jax.process_index() == 0:
       out = os.path.join(self.workdir, 'eval')

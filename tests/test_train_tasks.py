@@ -1,0 +1,77 @@
+"""End-to-end training on seqio tasks: VQA and captioning (official-format files), GLUE (TFDS mock)."""
+import json
+import os
+
+import pytest
+import seqio
+import tensorflow_datasets as tfds
+
+from adalink_jax import data
+from adalink_jax import trainer
+from tests import test_tasks
+from tests.test_train import tiny_config
+
+DIRS = ('coco', 'vqav2', 'okvqa', 'textvqa', 'textcaps', 'stvqa', 'docvqa')
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory, assets):
+  root = str(tmp_path_factory.mktemp('task_files'))
+  exp = test_tasks._build_files(root)  # pylint: disable=protected-access
+  texts = [e['question'] + ' ' + ' '.join(e['answers']) for b in exp.values()
+           for rows in b.values() for e in rows]
+  vocab = test_tasks._train_vocab(root, texts)  # pylint: disable=protected-access
+  before = data.config()
+  yield {'root': root, 'vocab': vocab}
+  data.set_data_dirs({k: None for k in DIRS})
+  data.configure(vocab_path=before.vocab_path, extra_ids=before.extra_ids,
+                 image_size=before.image_size)
+
+
+from tests.test_train import assets  # noqa: E402,F401  (module fixture used by `files`)
+
+
+def _seqio_config(assets, files, task, family, metric, steps=24, **over):  # noqa: F811
+  c = tiny_config(assets, total_steps=steps, **{'optimizer.total_steps': steps,
+                                                'optimizer.learning_rate': 3e-3,
+                                                'peft.method': 'ft', 'eval.every': steps,
+                                                'eval.num_batches': 1, 'eval.metric': metric,
+                                                'checkpoint_every': steps, **over})
+  c.data = dict(kind='seqio', task=task, eval_task='', train_split='train',
+                eval_split='validation', text_len=32, target_len=12, image_size=32,
+                tfds_data_dir='', vocab=files['vocab'],
+                data_dirs={k: os.path.join(files['root'], k) for k in DIRS})
+  c.model.t5.vocab_size = 640  # 420 pieces + 100 sentinel ids fit
+  if family == 't5':
+    c.model.family, c.model.name = 't5', 't5_1_1_tiny'
+    c.peft.modalities = ('text',)
+  c.batch_size = 8
+  c.eval.decoding.max_decode_len = 12
+  return c
+
+
+def _check(workdir, metric, steps):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  train = [r['loss'] for r in rows if r['kind'] == 'train']
+  assert train[-1] < 0.7 * train[0], train
+  ev = json.load(open(os.path.join(workdir, 'eval', f'metrics_{steps}.json')))
+  assert 0.0 <= ev[metric] <= 100.0
+  preds = open(os.path.join(workdir, 'eval', f'predictions_{steps}.jsonl')).read().splitlines()
+  assert preds and json.loads(preds[0])['references']
+  return ev
+
+
+@pytest.mark.parametrize('task,metric', [('vqav2_raw', 'vqa_accuracy'),
+                                         ('textcaps_mmit', 'cider')])
+def test_multimodal_task_trains_and_evaluates(assets, files, tmp_path, task, metric):  # noqa: F811
+  c = _seqio_config(assets, files, task, 'pali', metric)
+  trainer.train(c, str(tmp_path))
+  _check(str(tmp_path), metric, 24)
+
+
+def test_glue_task_trains_and_evaluates(assets, files, tmp_path, monkeypatch):  # noqa: F811
+  monkeypatch.setattr(seqio.TfdsDataSource, 'num_input_examples', lambda self, split: 4)
+  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    c = _seqio_config(assets, files, 'glue_rte_v002_raw', 't5', 'exact_match')
+    trainer.train(c, str(tmp_path))
+  _check(str(tmp_path), 'exact_match', 24)
