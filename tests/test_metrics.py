@@ -15,8 +15,9 @@ import scipy.stats
 import sklearn.metrics
 
 from adalink_jax import metrics as M
+from adalink_jax import ptb_tokenizer as P
 
-needs_java = pytest.mark.skipif(shutil.which('java') is None or M._find_ptb_jar() is None,
+needs_java = pytest.mark.skipif(shutil.which('java') is None or P._find_ptb_jar() is None,
                                 reason='needs java + the CoreNLP jar shipped with pycocoevalcap')
 
 # Ordinary caption text with capitals, punctuation, clitics, quotes, brackets, numbers, hyphens,
@@ -163,7 +164,7 @@ def test_ptb_tokenize_auto_falls_back_to_python_without_java(monkeypatch):
   captions = ["It's a dog's life (really).", 'Mr. T. The end', 'gonna go']
   expected = M.ptb_tokenize(captions, 'python')
   assert expected == ["it 's a dog 's life -lrb- really -rrb-", 'mr. t the end', 'gon na go']
-  monkeypatch.setattr(M.shutil, 'which', lambda name: None)
+  monkeypatch.setattr(P.shutil, 'which', lambda name: None)
   assert M.ptb_tokenize(captions, 'auto') == expected
   with pytest.raises(RuntimeError, match='needs `java`'):
     M.ptb_tokenize(captions, 'java')
