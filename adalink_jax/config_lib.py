@@ -46,15 +46,16 @@ def peft_block(method: str, rank: int, num_tasks: int = 1,
       lora_targets=('query', 'key', 'value', 'out'), adapter_dim=rank))
 
 
-def base(*, seed: int = 0) -> ml_collections.ConfigDict:
+def base(*, steps: int = 10_000, batch: int = 128, lr: float = 1e-3,
+         seed: int = 0) -> ml_collections.ConfigDict:
   """Fields every experiment has; callers fill model, init, data and eval."""
   c = ml_collections.ConfigDict()
   c.seed = seed
-  c.batch_size = 128
+  c.batch_size = batch
   c.num_microbatches = 1
-  c.total_steps = 10_000
+  c.total_steps = steps
   c.optimizer = ml_collections.ConfigDict(dict(
-      name='adafactor', learning_rate=1e-3, schedule='warmup_cosine', warmup_steps=500,
+      name='adafactor', learning_rate=lr, schedule='warmup_cosine', warmup_steps=500,
       total_steps=c.total_steps, grad_clip_norm=1.0, weight_decay=0.0))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, model=1))
   c.log_every = 50
@@ -71,10 +72,7 @@ def multimodal(benchmark: str, style: str, metric: str, arg: str | None, *,
   """A captioning / VQA experiment on the PaLI-style model."""
   a = parse_arg(arg, method='adalink', rank=64, model='pali3', steps=10_000, batch=128,
                 lr=1e-3, image_size=224)
-  c = base()
-  c.total_steps = c.optimizer.total_steps = a.steps
-  c.batch_size = a.batch
-  c.optimizer.learning_rate = a.lr
+  c = base(steps=a.steps, batch=a.batch, lr=a.lr)
   # Frozen weights in bf16, scanned and rematerialised: large backbones fit; adapters stay fp32.
   c.model = ml_collections.ConfigDict(dict(
       family='pali', name=a.model, dtype='bfloat16', frozen_dtype='bfloat16',
@@ -115,10 +113,7 @@ def glue(model: str, arg: str | None) -> ml_collections.ConfigDict:
   """GLUE (T5 text-to-text, proportional mixture) on a T5 1.1 / FLAN-T5 XXL, text adapters."""
   a = parse_arg(arg, method='adalink', rank=64, model=model, steps=20_000, batch=128, lr=1e-3,
                 eval_task='glue_rte_v002_raw', num_tasks=1)
-  c = base()
-  c.total_steps = c.optimizer.total_steps = a.steps
-  c.batch_size = a.batch
-  c.optimizer.learning_rate = a.lr
+  c = base(steps=a.steps, batch=a.batch, lr=a.lr)
   c.model = ml_collections.ConfigDict(dict(
       family='t5', name=a.model, dtype='bfloat16', frozen_dtype='bfloat16',
       t5=dict(scan_layers=True, remat_policy='minimal')))

@@ -9,8 +9,9 @@ from adalink_jax import config_lib
 
 
 def get_config(arg=None):
+  # Full fine-tuning by default; keys given in `arg` override these (later keys win).
   c = config_lib.multimodal('coco_captions', 'mmit', 'cider',
-                            arg or 'method=ft,steps=50000,lr=1e-4')
+                            'method=ft,steps=50000,lr=1e-4' + (f',{arg}' if arg else ''))
   c.data.task = 'mmit'                   # the multimodal instruction mixture
   c.data.eval_task = 'coco_captions_mmit'
   c.init.native = ''
