@@ -182,8 +182,9 @@ class MultiHeadAttention(nn.Module):
   """T5 attention (no 1/sqrt(d) logit scaling: it is folded into the query init).
 
   ``x_q[b, q, embed], x_kv[b, k, embed], bias[b|1, heads, q, k] -> [b, q, embed]``.
-  In decode mode (self-attention only) keys/values go to the ``cache`` collection
-  as ``[b, max_len, heads, kv]`` and ``decode_index`` is the step being written.
+  In decode mode self-attention keys/values go to the ``cache`` collection as
+  ``[b, max_len, heads, kv]`` and ``decode_index`` is the step being written; with
+  ``cache_cross`` (cross-attention) the projected encoder keys/values are cached once.
   """
   num_heads: int
   head_dim: int
@@ -198,7 +199,8 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, x_q: jax.Array, x_kv: jax.Array, bias: jax.Array, *,
                deterministic: bool = True, decode: bool = False,
-               decode_index: Optional[jax.Array] = None) -> jax.Array:
+               decode_index: Optional[jax.Array] = None, cache_cross: bool = False
+               ) -> jax.Array:
     h, d = self.num_heads, self.head_dim
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q_init = nn.initializers.variance_scaling(1.0 / d, 'fan_in', 'normal')
@@ -206,10 +208,17 @@ class MultiHeadAttention(nn.Module):
         h * d, ('embed', 'joined_kv'), kernel_init=init, lora=self._lora(name), name=name,
         **kw)(x).reshape(x.shape[:-1] + (h, d))
     q = proj('query', x_q, q_init)
-    k = proj('key', x_kv)
-    v = proj('value', x_kv)
+    if decode and cache_cross:
+      # Cross-attention while decoding: keys/values of the encoded prefix are projected once,
+      # when the cache is created, and reused at every step.
+      k_var = self.variable('cache', 'cross_key', lambda: proj('key', x_kv))
+      v_var = self.variable('cache', 'cross_value', lambda: proj('value', x_kv))
+      k, v = k_var.value, v_var.value
+    else:
+      k = proj('key', x_kv)
+      v = proj('value', x_kv)
 
-    if decode:
+    if decode and not cache_cross:
       is_initialized = self.has_variable('cache', 'cached_key')
       cached_key = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
       cached_value = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
@@ -299,7 +308,8 @@ class DecoderLayer(nn.Module):
     z = layers.RMSNorm(cfg.layer_norm_epsilon, name='pre_cross_attention_layer_norm', **kw)(y)
     z = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, cfg.lora,
                            name='encoder_decoder_attention', **kw)(
-                               z, encoded, cross_bias, deterministic=self.deterministic)
+                               z, encoded, cross_bias, deterministic=self.deterministic,
+                               decode=self.decode, cache_cross=True)
     y = y + drop(z)
     z = layers.RMSNorm(cfg.layer_norm_epsilon, name='pre_mlp_layer_norm', **kw)(y)
     z = _mlp(cfg, z, self.deterministic)
