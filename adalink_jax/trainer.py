@@ -130,7 +130,8 @@ class Trainer:
     return {k: jax.make_array_from_process_local_data(sh[k], v) for k, v in arrays.items()}
 
   def make_train_step(self):
-    step = peft_train.make_train_step(self.setup.model, self.tx, forward=self.setup.forward)
+    step = peft_train.make_train_step(self.setup.model, self.tx, forward=self.setup.forward,
+                                      num_microbatches=int(self.config.get('num_microbatches', 1)))
 
     def train_step(trainable, opt_state, frozen, batch, step_index):
       rng = jax.random.fold_in(jax.random.key(self.config.seed), step_index)

@@ -68,18 +68,56 @@ def make_loss_fn(model=None, forward: Optional[ForwardFn] = None):
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, *,
-                    forward: Optional[ForwardFn] = None):
+                    forward: Optional[ForwardFn] = None, num_microbatches: int = 1):
   """Returns ``step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics)``.
 
   Gradients are taken w.r.t. ``trainable`` only (``opt_state = optimizer.init(trainable)``);
   ``frozen`` is closed into the loss as an undifferentiated input. ``rng`` may be None (no
   dropout). ``forward(params, batch, rng) -> logits`` overrides the T5 call (e.g. for PaLI).
+
+  ``num_microbatches > 1`` splits the batch along its first axis and accumulates gradients
+  with a ``lax.scan`` (one microbatch's activations live at a time). Each microbatch's mean
+  loss is re-weighted by its token count, so the update equals the full batch's up to fp32
+  round-off: the loss is the token-weighted mean over the whole batch either way.
   """
   loss_fn = make_loss_fn(model, forward)
 
-  def step(trainable, opt_state, frozen, batch, rng):
+  def grads_and_metrics(trainable, frozen, batch, rng):
     grad_fn = jax.value_and_grad(lambda t: loss_fn(t, frozen, batch, rng), has_aux=True)
     (_, metrics), grads = grad_fn(trainable)
+    return grads, metrics
+
+  def accumulated(trainable, frozen, batch, rng):
+    k = num_microbatches
+    arrays = {n: v for n, v in batch.items() if hasattr(v, 'shape') and v.ndim}
+    size = next(iter(arrays.values())).shape[0]
+    if size % k:
+      raise ValueError(f'batch of {size} does not split into num_microbatches={k}')
+    micro = jax.tree.map(lambda x: x.reshape((k, size // k) + x.shape[1:]), arrays)
+
+    def body(carry, xs):
+      i, mb = xs
+      g, m = grads_and_metrics(trainable, frozen, mb,
+                               None if rng is None else jax.random.fold_in(rng, i))
+      n = m['num_tokens']
+      # Sums weighted by tokens; divided by the total once every microbatch is in.
+      g = jax.tree.map(lambda a: a * n, g)
+      acc_g, acc_loss, acc_correct, acc_n = carry
+      return (jax.tree.map(jnp.add, acc_g, g), acc_loss + m['loss'] * n,
+              acc_correct + m['accuracy'] * n, acc_n + n), None
+
+    zeros = jax.tree.map(lambda t: jnp.zeros(t.shape, jnp.float32), trainable)
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+    (g, loss, correct, n), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
+    n = jnp.maximum(n, 1e-8)
+    grads = jax.tree.map(lambda a, t: (a / n).astype(t.dtype), g, trainable)
+    return grads, dict(loss=loss / n, accuracy=correct / n, num_tokens=n)
+
+  def step(trainable, opt_state, frozen, batch, rng):
+    if num_microbatches > 1:
+      grads, metrics = accumulated(trainable, frozen, batch, rng)
+    else:
+      grads, metrics = grads_and_metrics(trainable, frozen, batch, rng)
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     new = optax.apply_updates(trainable, updates)
     # Keep every trainable leaf in its own dtype (optax may promote a bf16 leaf to fp32).
