@@ -94,13 +94,19 @@ def load_into(init: Mapping, params: dict, shapes: Any, shardings: Any, setup: A
     if not pali:
       raise ValueError('config.init.vit is set but config.model.family is not pali')
     fmt = init.get('vit_format', 'big_vision')
-    if fmt != 'big_vision':
-      raise ValueError(f"config.init.vit_format={fmt!r}: image towers load from big_vision npz "
-                       "(SigLIP / ViT / PaliGemma 'file.npz:img')")
-    from adalink_jax.checkpoints import big_vision  # pylint: disable=g-import-not-at-top
-    log.info('loading the image tower from %s', init['vit'])
-    params = dict(params, img=big_vision.load_big_vision_params(
-        init['vit'], params['img'], shardings=shardings['img'], skip=_is_adapter_path))
+    log.info('loading the image tower from %s (%s)', init['vit'], fmt)
+    if fmt == 'big_vision':
+      from adalink_jax.checkpoints import big_vision  # pylint: disable=g-import-not-at-top
+      params = dict(params, img=big_vision.load_big_vision_params(
+          init['vit'], params['img'], shardings=shardings['img'], skip=_is_adapter_path))
+    elif fmt == 'hf':
+      from adalink_jax.checkpoints import hf_vision  # pylint: disable=g-import-not-at-top
+      params = dict(params, img=hf_vision.load_hf_vision(
+          init['vit'], params['img'], shardings=shardings['img'], skip=_is_adapter_path,
+          config=setup.pali_config.vit))
+    else:
+      raise ValueError(f"config.init.vit_format={fmt!r}; choose 'big_vision' (npz, optionally "
+                       "'file.npz:img') or 'hf' (SigLIP / ViT save_pretrained directory)")
   if pali and (init.get('t5') or init.get('vit')):
     log.warning('PaLI assembled from separate checkpoints: img_proj (image -> text width) starts '
                 'from a fresh random initialisation%s',
