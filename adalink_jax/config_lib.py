@@ -119,7 +119,7 @@ def glue(model: str, arg: str | None) -> ml_collections.ConfigDict:
       t5=dict(scan_layers=True, remat_policy='minimal')))
   c.peft = peft_block(a.method, a.rank, num_tasks=a.num_tasks, modalities=('text',))
   c.data = ml_collections.ConfigDict(dict(
-      kind='seqio', task='glue_v002_proportional_raw', eval_task=a.eval_task,
+      kind='seqio', task='glue_v002_proportional_raw', eval_task=a.eval_task, pack=False,
       train_split='train', eval_split='validation', text_len=512, target_len=8,
       image_size=224, tfds_data_dir='', vocab='', data_dirs={}))
   c.eval = ml_collections.ConfigDict(dict(

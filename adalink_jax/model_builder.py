@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from adalink_jax.peft import methods as peft
+from adalink_jax.peft.train import PACKING_KEYS
 from adalink_jax.models import pali as pali_lib
 from adalink_jax.models import t5 as t5_lib
 
@@ -78,9 +79,12 @@ def build(config: Any) -> Setup:
     pcfg = None
 
     def forward(params, batch, rng):
+      # Packed text batches (seqio pack=True) carry segment ids and positions.
+      packing = {k: batch[k] for k in PACKING_KEYS if k in batch}
       return model.apply({'params': params}, batch['encoder_input_tokens'],
                          batch['decoder_input_tokens'], task_id=batch.get('task_id'),
-                         deterministic=rng is None, rngs={} if rng is None else {'dropout': rng})
+                         deterministic=rng is None, rngs={} if rng is None else {'dropout': rng},
+                         **packing)
 
     def encode(params, batch):
       return model.apply({'params': params}, batch['encoder_input_tokens'],

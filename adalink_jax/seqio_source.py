@@ -40,7 +40,14 @@ class SeqioSource:
     self.train_task = seqio.get_mixture_or_task(d.task)
     self.eval_task = seqio.get_mixture_or_task(d.get('eval_task') or d.task)
     multimodal = 'image' in self.train_task.output_features
+    pack = bool(d.get('pack', False))
+    if pack and multimodal:
+      raise ValueError(f'config.data.pack=True packs text-only tasks; {d.task} has images')
     self.converter = data.PaLIFeatureConverter(
+        image_size=int(d.image_size) if multimodal else None, with_task_id=multimodal,
+        pack=pack)
+    # Eval keeps one example per row (predictions map to references one to one).
+    self.eval_converter = data.PaLIFeatureConverter(
         image_size=int(d.image_size) if multimodal else None, with_task_id=multimodal)
     self.local_batch = input_pipeline.local_batch_size(int(config.batch_size))
     # One process reads everything (seqio's default); several each read their own shard.
@@ -74,7 +81,7 @@ class SeqioSource:
     # Multimodal tasks carry every reference in 'answers'; text tasks have one target string.
     ref_key = 'answers' if 'answers' in raw.element_spec else 'targets_pretokenized'
     refs = raw.map(lambda ex: {'answers': tf.reshape(ex[ref_key], [-1]), 'inputs': ex['inputs']})
-    model = self.converter(raw, self.lengths)
+    model = self.eval_converter(raw, self.lengths)
     batches = 0
     rows, ref_rows = [], []
     for ex, ref in zip(model.as_numpy_iterator(), refs.as_numpy_iterator()):
@@ -107,4 +114,5 @@ class SeqioSource:
 
 
 _MODEL_KEYS = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
-               'decoder_loss_weights', 'image', 'task_id')
+               'decoder_loss_weights', 'image', 'task_id', 'encoder_segment_ids',
+               'encoder_positions', 'decoder_segment_ids', 'decoder_positions')

@@ -152,7 +152,12 @@ def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
 
 
 class RelativePositionBias(nn.Module):
-  """Learned per-head bias ``[1, heads, q, k]`` from bucketed relative positions, shared by a stack."""
+  """Learned per-head bias from bucketed relative positions, shared by a stack.
+
+  ``[1, heads, q, k]`` from ``arange`` positions (``query_offset`` shifts the queries while
+  decoding), or ``[b, heads, q, k]`` from explicit ``query_positions[b, q]`` and
+  ``key_positions[b, k]`` (packed rows, where positions restart at each segment).
+  """
   num_buckets: int
   max_distance: int
   num_heads: int
@@ -161,10 +166,21 @@ class RelativePositionBias(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, qlen: int, klen: int, query_offset: Any = 0) -> jax.Array:
+  def __call__(self, qlen: int, klen: int, query_offset: Any = 0,
+               query_positions: Optional[jax.Array] = None,
+               key_positions: Optional[jax.Array] = None) -> jax.Array:
     rel_embedding = param(self, 'rel_embedding', nn.initializers.normal(0.02),
                           (self.num_heads, self.num_buckets), self.param_dtype,
                           ('heads', 'relpos_buckets'))
+    if query_positions is not None:
+      relative = (key_positions.astype(jnp.int32)[:, None, :] -
+                  query_positions.astype(jnp.int32)[:, :, None])
+      buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets,
+                                         self.max_distance)
+      # A gather, not the one-hot below: a [b, q, k, buckets] one-hot would be `buckets`
+      # times the size of the attention logits.
+      bias = jnp.take(rel_embedding.astype(self.dtype), buckets, axis=1)  # [h, b, q, k]
+      return jnp.transpose(bias, (1, 0, 2, 3))
     context = jnp.arange(qlen, dtype=jnp.int32)[:, None] + query_offset
     memory = jnp.arange(klen, dtype=jnp.int32)[None, :]
     buckets = relative_position_bucket(memory - context, self.bidirectional, self.num_buckets,
@@ -245,6 +261,21 @@ def mask_bias(query_mask: Optional[jax.Array], key_mask: jax.Array) -> jax.Array
   if query_mask is not None:
     allowed = allowed & query_mask[:, None, :, None]
   return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
+
+
+def segment_bias(query_segment_ids: jax.Array, key_segment_ids: jax.Array,
+                 key_mask: jax.Array, causal: bool = False) -> jax.Array:
+  """Packed rows: ``[b, q]``, ``[b, k]`` segment ids and ``key_mask[b, k]`` -> ``[b, 1, q, k]``.
+
+  A query sees a key iff both carry the same segment id, the key is real (``key_mask``) and,
+  with ``causal``, the key is not after the query (by index in the row, as in t5x).
+  """
+  allowed = query_segment_ids[:, :, None] == key_segment_ids[:, None, :]
+  allowed = allowed & key_mask[:, None, :]
+  if causal:
+    q, k = query_segment_ids.shape[1], key_segment_ids.shape[1]
+    allowed = allowed & (jnp.arange(k)[None, :] <= jnp.arange(q)[:, None])[None]
+  return jnp.where(allowed[:, None], 0.0, _NEG_INF).astype(jnp.float32)
 
 
 def causal_bias(qlen: int, klen: int, query_offset: Any = 0) -> jax.Array:
@@ -354,18 +385,29 @@ def _stack(block_cls, cfg: T5Config, num_layers: int, static_argnums: tuple[int,
 
 
 class Encoder(nn.Module):
-  """``embeddings[b, l, d], mask[b, l] -> encoded[b, l, d]`` (bidirectional relative bias)."""
+  """``embeddings[b, l, d], mask[b, l] -> encoded[b, l, d]`` (bidirectional relative bias).
+
+  Packed rows: ``segment_ids[b, l]`` restricts attention to keys of the query's segment;
+  ``positions[b, l]`` (restarting at 0 in each segment) drive the relative bias.
+  """
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool = True,
+               segment_ids: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None) -> jax.Array:
     cfg = self.config
     kw = _sublayer_kwargs(cfg)
     length = x.shape[1]
     rel = RelativePositionBias(cfg.relative_attention_num_buckets,
                                cfg.relative_attention_max_distance, cfg.num_heads, True,
-                               name='relpos_bias', **kw)(length, length)
-    bias = rel + mask_bias(None, mask)
+                               name='relpos_bias', **kw)(length, length,
+                                                         query_positions=positions,
+                                                         key_positions=positions)
+    if segment_ids is None:
+      bias = rel + mask_bias(None, mask)
+    else:
+      bias = rel + segment_bias(segment_ids, segment_ids, mask)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
     block = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, static_argnums=())
     if cfg.scan_layers:
@@ -382,14 +424,23 @@ class Decoder(nn.Module):
 
   In decode mode ``y_emb`` holds one position and a ``cache/decode_index`` counter
   says which; call it once with full-length inputs to create the cache.
+
+  Packed rows (teacher forcing only): ``segment_ids[b, t]`` with ``encoder_segment_ids[b, l]``
+  keep self-attention causal within a segment and cross-attention on the same segment;
+  ``positions[b, t]`` drive the relative bias. Decode mode does not use them.
   """
   config: T5Config
   shared_embedding: Optional[layers.Embed] = None
 
   @nn.compact
   def __call__(self, y: jax.Array, encoded: jax.Array, encoder_mask: jax.Array,
-               deterministic: bool = True, decode: bool = False) -> jax.Array:
+               deterministic: bool = True, decode: bool = False,
+               segment_ids: Optional[jax.Array] = None,
+               positions: Optional[jax.Array] = None,
+               encoder_segment_ids: Optional[jax.Array] = None) -> jax.Array:
     cfg = self.config
+    if decode:  # one position at a time over a cache: packing does not apply
+      segment_ids = positions = encoder_segment_ids = None
     kw = _sublayer_kwargs(cfg)
     qlen = y.shape[1]
     decode_index = None
@@ -408,9 +459,15 @@ class Decoder(nn.Module):
     offset = 0 if decode_index is None else decode_index
     rel = RelativePositionBias(cfg.relative_attention_num_buckets,
                                cfg.relative_attention_max_distance, cfg.num_heads, False,
-                               name='relpos_bias', **kw)(qlen, klen, offset)
-    self_bias = rel + causal_bias(qlen, klen, offset)
-    cross_bias = mask_bias(None, encoder_mask)
+                               name='relpos_bias', **kw)(qlen, klen, offset,
+                                                         query_positions=positions,
+                                                         key_positions=positions)
+    if segment_ids is None:
+      self_bias = rel + causal_bias(qlen, klen, offset)
+      cross_bias = mask_bias(None, encoder_mask)
+    else:
+      self_bias = rel + segment_bias(segment_ids, segment_ids, segment_ids > 0, causal=True)
+      cross_bias = segment_bias(segment_ids, encoder_segment_ids, encoder_mask)
 
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     block = _stack(DecoderLayer, cfg, cfg.num_decoder_layers, static_argnums=())
@@ -452,10 +509,14 @@ class T5(nn.Module):
     self.decoder = Decoder(cfg, shared_embedding=self.token_embedder)
 
   def embed_inputs(self, text_tokens: jax.Array, image_embeddings: Optional[jax.Array] = None,
-                   task_id: Optional[jax.Array] = None) -> EncoderInputs:
-    """Embeds each modality and lays them out as ``[image; text]`` (before the seam)."""
+                   task_id: Optional[jax.Array] = None, *,
+                   segment_ids: Optional[jax.Array] = None) -> EncoderInputs:
+    """Embeds each modality and lays them out as ``[image; text]`` (before the seam).
+
+    With packed ``segment_ids[b, l]`` (text only) the mask is ``segment_ids > 0``.
+    """
     x = self.token_embedder(text_tokens)
-    mask = text_tokens != self.config.pad_id
+    mask = text_tokens != self.config.pad_id if segment_ids is None else segment_ids > 0
     modality = jnp.full(text_tokens.shape, TEXT, jnp.int32)
     if image_embeddings is not None:
       b, n = image_embeddings.shape[:2]
@@ -465,32 +526,94 @@ class T5(nn.Module):
     return EncoderInputs(x, mask, modality, task_id)
 
   def encode(self, text_tokens: jax.Array, image_embeddings: Optional[jax.Array] = None,
-             task_id: Optional[jax.Array] = None, deterministic: bool = True
+             task_id: Optional[jax.Array] = None, deterministic: bool = True, *,
+             encoder_segment_ids: Optional[jax.Array] = None,
+             encoder_positions: Optional[jax.Array] = None
              ) -> tuple[jax.Array, jax.Array]:
-    """``text_tokens[b, l]`` (+ ``image_embeddings[b, n, d]``) -> (encoded, encoder_mask)."""
-    inputs = self.embed_inputs(text_tokens, image_embeddings, task_id)
+    """``text_tokens[b, l]`` (+ ``image_embeddings[b, n, d]``) -> (encoded, encoder_mask).
+
+    Packed (seqio ``pack=True``, text only): ``encoder_segment_ids[b, l]`` (0 = padding) and
+    ``encoder_positions[b, l]`` keep the examples sharing a row from seeing each other.
+    """
+    _check_packed('encoder_segment_ids', encoder_segment_ids, text_tokens)
+    _check_packed('encoder_positions', encoder_positions, text_tokens)
+    packed = encoder_segment_ids is not None or encoder_positions is not None
+    if packed and image_embeddings is not None:
+      raise ValueError('encoder_segment_ids / encoder_positions (packed rows) are for '
+                       'text-only batches; got image_embeddings as well')
+    inputs = self.embed_inputs(text_tokens, image_embeddings, task_id,
+                               segment_ids=encoder_segment_ids)
     if self.encoder_input_adapter is not None:
       inputs = self.encoder_input_adapter(inputs)
-    return self.encoder(inputs.embeddings, inputs.mask, deterministic), inputs.mask
+    if packed and inputs.mask.shape != text_tokens.shape:
+      raise ValueError(
+          f'the encoder input adapter changed the encoder length {text_tokens.shape} -> '
+          f'{inputs.mask.shape} (e.g. prompt tuning); packed rows would need the prompt once '
+          'per segment, which is not supported: train it without packing')
+    encoded = self.encoder(inputs.embeddings, inputs.mask, deterministic,
+                           segment_ids=encoder_segment_ids, positions=encoder_positions)
+    return encoded, inputs.mask
 
   def decode(self, encoded: jax.Array, encoder_mask: jax.Array, decoder_input_tokens: jax.Array,
              task_id: Optional[jax.Array] = None, deterministic: bool = True,
-             decode: bool = False) -> jax.Array:
-    """``decoder_input_tokens[b, t]`` -> logits ``[b, t, vocab]`` (fp32)."""
+             decode: bool = False, *, encoder_segment_ids: Optional[jax.Array] = None,
+             decoder_segment_ids: Optional[jax.Array] = None,
+             decoder_positions: Optional[jax.Array] = None) -> jax.Array:
+    """``decoder_input_tokens[b, t]`` -> logits ``[b, t, vocab]`` (fp32).
+
+    Packed teacher forcing: ``decoder_segment_ids[b, t]`` with ``encoder_segment_ids[b, l]``
+    (cross-attention only to the same segment) and ``decoder_positions[b, t]``.
+    ``decode=True`` (KV-cache decoding, one example per row) ignores all three.
+    """
+    if not decode:
+      _check_packed('decoder_segment_ids', decoder_segment_ids, decoder_input_tokens)
+      _check_packed('decoder_positions', decoder_positions, decoder_input_tokens)
+      _check_packed('encoder_segment_ids', encoder_segment_ids, encoder_mask)
+      if (decoder_segment_ids is None) != (encoder_segment_ids is None):
+        raise ValueError('packed decoding needs both decoder_segment_ids and '
+                         'encoder_segment_ids (cross-attention matches them); got only '
+                         + ('decoder_segment_ids' if encoder_segment_ids is None
+                            else 'encoder_segment_ids'))
     y = self.token_embedder(decoder_input_tokens)
     if self.decoder_input_adapter is not None:
+      # Token-based mask even when packed: each segment starts with the start token (= pad id),
+      # exactly as the same example does alone.
       y = self.decoder_input_adapter(EncoderInputs(
           y, decoder_input_tokens != self.config.pad_id,
           jnp.full(decoder_input_tokens.shape, TEXT, jnp.int32), task_id)).embeddings
-    logits = self.decoder(y, encoded, encoder_mask, deterministic=deterministic, decode=decode)
+    logits = self.decoder(y, encoded, encoder_mask, deterministic=deterministic, decode=decode,
+                          segment_ids=decoder_segment_ids, positions=decoder_positions,
+                          encoder_segment_ids=encoder_segment_ids)
     return logits.astype(jnp.float32)
 
   def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array,
                image_embeddings: Optional[jax.Array] = None,
-               task_id: Optional[jax.Array] = None, deterministic: bool = True) -> jax.Array:
-    """Teacher-forced logits ``[b, t, vocab]``."""
-    encoded, mask = self.encode(encoder_input_tokens, image_embeddings, task_id, deterministic)
-    return self.decode(encoded, mask, decoder_input_tokens, task_id, deterministic)
+               task_id: Optional[jax.Array] = None, deterministic: bool = True, *,
+               encoder_segment_ids: Optional[jax.Array] = None,
+               encoder_positions: Optional[jax.Array] = None,
+               decoder_segment_ids: Optional[jax.Array] = None,
+               decoder_positions: Optional[jax.Array] = None) -> jax.Array:
+    """Teacher-forced logits ``[b, t, vocab]``.
+
+    Packed batches (seqio ``pack=True``): pass the four ``*_segment_ids`` / ``*_positions``
+    ``[b, l|t]`` int arrays of the batch; each packed example then gets the logits it gets alone.
+    """
+    encoded, mask = self.encode(encoder_input_tokens, image_embeddings, task_id, deterministic,
+                                encoder_segment_ids=encoder_segment_ids,
+                                encoder_positions=encoder_positions)
+    return self.decode(encoded, mask, decoder_input_tokens, task_id, deterministic,
+                       encoder_segment_ids=encoder_segment_ids,
+                       decoder_segment_ids=decoder_segment_ids,
+                       decoder_positions=decoder_positions)
+
+
+def _check_packed(name: str, value: Optional[jax.Array], like: jax.Array) -> None:
+  """Segment ids / positions must be integer ``[b, l]`` like the tokens they describe."""
+  if value is None:
+    return
+  if value.shape != like.shape[:2] or not jnp.issubdtype(value.dtype, jnp.integer):
+    raise ValueError(f'{name} must be an integer array of shape {tuple(like.shape[:2])} '
+                     f'(like the tokens), got {value.dtype}{list(value.shape)}')
 
 
 def shift_right(targets: jax.Array, start_id: int = 0) -> jax.Array:

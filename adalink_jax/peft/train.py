@@ -16,6 +16,8 @@ import optax
 from adalink_jax.peft.methods import merge
 
 Batch = Mapping[str, jax.Array]
+PACKING_KEYS = ('encoder_segment_ids', 'encoder_positions', 'decoder_segment_ids',
+                'decoder_positions')
 ForwardFn = Callable[[Mapping, Batch, Optional[jax.Array]], jax.Array]
 
 
@@ -39,10 +41,13 @@ def t5_forward(model) -> ForwardFn:
 
   def forward(params, batch, rng):
     rngs = {} if rng is None else {'dropout': rng}
+    # Packed text batches (seqio pack=True) carry segment ids and positions.
+    packing = {k: batch[k] for k in PACKING_KEYS if k in batch}
     return model.apply({'params': params}, batch['encoder_input_tokens'],
                        batch['decoder_input_tokens'],
                        image_embeddings=batch.get('image_embeddings'),
-                       task_id=batch.get('task_id'), deterministic=rng is None, rngs=rngs)
+                       task_id=batch.get('task_id'), deterministic=rng is None, rngs=rngs,
+                       **packing)
 
   return forward
 
