@@ -35,6 +35,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ('channels', None),
     ('pos', None),
     ('length', None),
+    # Activations [batch, length, embed]: batch split like the input batch, the rest whole.
+    ('activation_batch', BATCH_AXES),
+    ('activation_length', None),
+    ('activation_embed', None),
 )
 
 
