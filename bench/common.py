@@ -149,7 +149,19 @@ def memory_of(compiled: Any) -> dict[str, int]:
 
 
 def peak_rss_bytes() -> int:
-  """High-water resident set size of this process (Linux reports KiB, macOS bytes)."""
+  """High-water resident set size of this process, in bytes.
+
+  Linux: ``VmHWM`` of /proc/self/status, which belongs to this address space. ``ru_maxrss``
+  is not used there: after fork + exec it keeps the *parent's* high-water mark, so a child
+  started from a large parent (e.g. a long pytest run) would report the parent's peak.
+  """
+  try:
+    with open('/proc/self/status', encoding='ascii') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
   r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return int(r if sys.platform == 'darwin' else r * 1024)
 

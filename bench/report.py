@@ -55,9 +55,11 @@ def targets(results: dict) -> list[dict]:
       out.append(_target(f'{model}: AdaLink / FT memory (XLA plan: args+outputs+temps)',
                          ada['xla_memory']['total'] / ft['xla_memory']['total'],
                          MEMORY_RATIO_MAX, True, 'x'))
-    out.append(_target(f'{model}: AdaLink / FT peak RSS above the runtime baseline',
-                       ada['rss_above_baseline_bytes'] / ft['rss_above_baseline_bytes'],
-                       MEMORY_RATIO_MAX, True, 'x'))
+    # At tiny sizes the high-water mark may not rise above the runtime baseline at all.
+    if ft['rss_above_baseline_bytes'] > 0:
+      out.append(_target(f'{model}: AdaLink / FT peak RSS above the runtime baseline',
+                         ada['rss_above_baseline_bytes'] / ft['rss_above_baseline_bytes'],
+                         MEMORY_RATIO_MAX, True, 'x'))
   mfu_model = results.get('settings', {}).get('mfu_model')
   for method in ('adalink', 'ft'):
     r = _find(rows, mfu_model, method) if mfu_model else None
