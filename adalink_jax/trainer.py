@@ -13,8 +13,7 @@ import logging
 import math
 import os
 import signal
-import time
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -96,12 +95,11 @@ class Trainer:
 
   def init_params(self) -> tuple[dict, dict]:
     """(trainable, frozen): random init in place on the mesh, then the backbone from config.init."""
-    shapes = nn.unbox(self.boxed_shapes)
     init = jax.jit(lambda rng: nn.unbox(self.setup.init(rng, self._init_batch)),
                    out_shardings=self.param_shardings)
     with self.mesh:
       params = init(jax.random.key(self.config.seed))
-    params = backbone_lib.load_into(self.config.init, params, shapes, self.param_shardings,
+    params = backbone_lib.load_into(self.config.init, params, self.param_shardings,
                                     self.setup)
     trainable, frozen = self._split(params)
     frozen = jax.tree.map(lambda x: x.astype(self.setup.frozen_dtype)

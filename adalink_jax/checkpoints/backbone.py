@@ -67,10 +67,9 @@ def _is_adapter_path(path: str) -> bool:
                                         '/lora/', '_adapter/'))
 
 
-def load_into(init: Mapping, params: dict, shapes: Any, shardings: Any, setup: Any) -> dict:
+def load_into(init: Mapping, params: dict, shardings: Any, setup: Any) -> dict:
   """Loads the checkpoints named in ``init`` over the randomly initialised ``params``."""
   init = dict(init or {})
-  del shapes  # the live params carry the shapes
   if init.get('native'):
     log.info('loading backbone from %s', init['native'])
     return _read_native_into(init['native'], params, shardings)
