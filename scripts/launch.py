@@ -17,6 +17,8 @@ otherwise they run one after another and the first failure stops the launch.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -64,25 +66,59 @@ def tpu_commands(args, extra: list[str]) -> list[str]:
 
 def gpu_commands(args, extra: list[str]) -> list[str]:
   """A single-node GPU run: the chosen GPUs are made visible, jax uses them all."""
-  env = f'CUDA_VISIBLE_DEVICES={args.gpus} ' if args.gpus else ''
+  env = f'CUDA_VISIBLE_DEVICES={shlex.quote(args.gpus)} ' if args.gpus else ''
   return [env + _train_cmd(args, extra, multihost=False)]
+
+
+# Values written into '#SBATCH' lines: sbatch reads them with its own parser (not a shell),
+# so quoting cannot protect them; a newline would start a new line of the job script.
+_SBATCH_SAFE = re.compile(r'[A-Za-z0-9_.,:/@%+=-]+')
+
+
+def _sbatch_value(flag: str, value) -> str:
+  value = str(value)
+  if not _SBATCH_SAFE.fullmatch(value):
+    raise SystemExit(f'error: --{flag}={value!r} goes into an #SBATCH line and may only contain '
+                     'letters, digits and _.,:/@%+=- (no spaces, quotes, newlines or shell '
+                     'characters); choose a plainer value')
+  return value
 
 
 def slurm_script(args, extra: list[str]) -> str:
   """An sbatch script: one task per node; jax.distributed reads SLURM's variables."""
+  v = _sbatch_value
   lines = [
       '#!/bin/bash',
-      f'#SBATCH --job-name={args.job_name}',
-      f'#SBATCH --nodes={args.nodes}',
+      f'#SBATCH --job-name={v("job_name", args.job_name)}',
+      f'#SBATCH --nodes={v("nodes", args.nodes)}',
       '#SBATCH --ntasks-per-node=1',
-      f'#SBATCH --gpus-per-node={args.gpus_per_node}',
-      f'#SBATCH --time={args.time}',
-      f'#SBATCH --output={args.workdir}/slurm-%j.out',
+      f'#SBATCH --gpus-per-node={v("gpus_per_node", args.gpus_per_node)}',
+      f'#SBATCH --time={v("time", args.time)}',
+      f'#SBATCH --output={v("workdir", args.workdir)}/slurm-%j.out',
   ]
   if args.partition:
-    lines.append(f'#SBATCH --partition={args.partition}')
+    lines.append(f'#SBATCH --partition={v("partition", args.partition)}')
   lines += ['set -euo pipefail', f'srun {_train_cmd(args, extra, multihost=True)}', '']
   return '\n'.join(lines)
+
+
+def _run(command: str) -> int:
+  """Runs one printed command without a shell: ``VAR=value`` prefixes become the environment.
+
+  The commands are built with shlex quoting, so splitting them back gives exactly the argv
+  that was printed; no user value is ever interpreted by a shell here.
+  """
+  argv = shlex.split(command)
+  env = dict(os.environ)
+  while argv and re.fullmatch(r'[A-Za-z_][A-Za-z0-9_]*=.*', argv[0], re.S):
+    key, _, value = argv.pop(0).partition('=')
+    env[key] = value
+  try:
+    return subprocess.call(argv, env=env)
+  except FileNotFoundError:
+    print(f'error: {argv[0]!r} is not installed or not on PATH (needed to run: {command})',
+          file=sys.stderr)
+    return 127
 
 
 def main(argv=None) -> int:
@@ -140,7 +176,7 @@ def main(argv=None) -> int:
   for c in commands:
     print(c, flush=True)
     if not args.dry_run:
-      rc = subprocess.call(c, shell=True)
+      rc = _run(c)
       if rc:
         print(f'command failed with exit code {rc}: {c}', file=sys.stderr)
         return rc

@@ -84,6 +84,55 @@ def write_t5x_checkpoint(root, step=100):
   return total
 
 
+# An HF T5 (1.0-style ReLU, own lm_head, HF 4 config) of ~320 MiB fp32; loaded scanned, so
+# the two encoder layers are stacked: the largest target array is [2, 1024, 8192].
+HF_CONFIG = dict(model_type='t5', vocab_size=ROWS, d_model=COLS, num_heads=8, d_kv=128,
+                 d_ff=ROWS, num_layers=2, num_decoder_layers=1, feed_forward_proj='relu',
+                 relative_attention_num_buckets=32, tie_word_embeddings=False)
+
+
+def write_hf_checkpoint(root):
+  """config.json + model.safetensors with HF T5 names; returns the fp32 size in bytes."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  d, ff = COLS, ROWS
+  shapes = {'shared.weight': (ROWS, d), 'lm_head.weight': (ROWS, d),
+            'encoder.final_layer_norm.weight': (d,), 'decoder.final_layer_norm.weight': (d,)}
+  for stack, n, subs in (('encoder', 2, ['SelfAttention']),
+                         ('decoder', 1, ['SelfAttention', 'EncDecAttention'])):
+    shapes[f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight'] = (32, 8)
+    for i in range(n):
+      for j, sub in enumerate(subs):
+        for m in 'qkvo':
+          shapes[f'{stack}.block.{i}.layer.{j}.{sub}.{m}.weight'] = (d, d)
+        shapes[f'{stack}.block.{i}.layer.{j}.layer_norm.weight'] = (d,)
+      j = len(subs)
+      shapes[f'{stack}.block.{i}.layer.{j}.layer_norm.weight'] = (d,)
+      shapes[f'{stack}.block.{i}.layer.{j}.DenseReluDense.wi.weight'] = (ff, d)
+      shapes[f'{stack}.block.{i}.layer.{j}.DenseReluDense.wo.weight'] = (d, ff)
+  tensors = {n: _value(n, s) for n, s in shapes.items()}
+  save_file(tensors, os.path.join(root, 'model.safetensors'))
+  with open(os.path.join(root, 'config.json'), 'w') as f:
+    json.dump(HF_CONFIG, f)
+  return sum(t.nbytes for t in tensors.values())
+
+
+def hf_layout(mesh):
+  """(config, expected fp32 shape tree, shardings) of the scanned model for HF_CONFIG."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from adalink_jax.checkpoints import common, hf  # pylint: disable=g-import-not-at-top
+  cfg = hf.t5_config_from_hf(HF_CONFIG, scan_layers=True, dropout_rate=0.0)
+  expected = hf._expected_shapes(cfg)  # pylint: disable=protected-access
+  specs = {}
+  for name, leaf in expected.items():
+    big = [i for i, n in enumerate(leaf.shape) if n >= COLS]
+    spec = [None] * len(leaf.shape)
+    if len(big) == 2:  # [in, out] kernels (after a layers axis) and the embedding
+      spec[big[0]], spec[big[1]] = (('model', 'fsdp') if name.startswith('token') else
+                                    ('fsdp', 'model'))
+    specs[name] = NamedSharding(mesh, P(*spec))
+  return cfg, common.unflatten(expected), common.unflatten(specs)
+
+
 CHILD = r'''
 import gc, json, os, sys
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
@@ -96,13 +145,22 @@ from adalink_jax.checkpoints import common, t5x, streaming
 
 root, mode = sys.argv[1], sys.argv[2]
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ('fsdp', 'model'))
-layout = {**spec_mod.BIG, **spec_mod.SMALL}
-expected = common.unflatten({n: jax.ShapeDtypeStruct(s, jnp.float32) for n, (s, _) in layout.items()})
-shardings = common.unflatten({n: NamedSharding(mesh, P(*p)) for n, (_, p) in layout.items()})
-# Warm-up: the same code paths on the small arrays (imports, TensorStore, device transfer).
-_, warm = t5x.t5x_array_sources(root)
-for n in spec_mod.SMALL:
-  streaming.materialize(warm['target/' + n], NamedSharding(mesh, P()), jnp.bfloat16)
+if mode.startswith('hf'):
+  from adalink_jax.checkpoints import hf
+  cfg, expected, shardings = spec_mod.hf_layout(mesh)
+  # Warm-up: the same code paths on the small arrays (imports, file reads, device transfer).
+  warm = hf.safetensors_sources([hf._locate(root)[1][0]])
+  for n, src in warm.items():
+    if len(src.shape) == 1:
+      streaming.materialize(src, NamedSharding(mesh, P()), jnp.bfloat16)
+else:
+  layout = {**spec_mod.BIG, **spec_mod.SMALL}
+  expected = common.unflatten({n: jax.ShapeDtypeStruct(s, jnp.float32) for n, (s, _) in layout.items()})
+  shardings = common.unflatten({n: NamedSharding(mesh, P(*p)) for n, (_, p) in layout.items()})
+  # Warm-up: the same code paths on the small arrays (imports, TensorStore, device transfer).
+  _, warm = t5x.t5x_array_sources(root)
+  for n in spec_mod.SMALL:
+    streaming.materialize(warm['target/' + n], NamedSharding(mesh, P()), jnp.bfloat16)
 del warm
 gc.collect()
 
@@ -119,7 +177,15 @@ except OSError:
   reset = False
 rss0, peak0 = streaming.current_rss_bytes(), peak_bytes()
 
-if mode == 'stream':
+if mode == 'hf_stream':
+  params = hf.load_hf_t5_params(root, expected, config=cfg, shardings=shardings,
+                                dtype=jnp.bfloat16)
+elif mode == 'hf_whole':  # the whole fp32 checkpoint on the host, then each array placed
+  _, host = hf.load_hf_t5(root, config=cfg)
+  host, flat_sh = common.flatten(host), common.flatten(shardings)
+  params = common.unflatten({n: jax.device_put(host.pop(n), flat_sh[n]).astype(jnp.bfloat16)
+                             for n in sorted(flat_sh)})
+elif mode == 'stream':
   params = t5x.load_t5x_params(root, expected, shardings=shardings, dtype=jnp.bfloat16)
 else:  # restore-then-shard: the fp32 tree on the host (as a plain restore gives it), then
   # each array sharded and cast
@@ -135,6 +201,24 @@ peak1, rss1 = peak_bytes(), streaming.current_rss_bytes()
 
 # After the measurement: every shard holds exactly the bf16 of the stored values.
 flat = common.flatten(params)
+if mode.startswith('hf'):
+  _, ref = hf.load_hf_t5(root, config=cfg, dtype=jnp.bfloat16)
+  want = common.flatten(ref)
+  assert want.keys() == flat.keys()
+  for name, arr in flat.items():
+    assert arr.dtype == jnp.bfloat16 and arr.sharding.is_equivalent_to(
+        common.flatten(shardings)[name], arr.ndim), name
+    for shard in arr.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), want[name][shard.index])
+  # Independently of the name mapping: the embedding, and layer 1 of the stacked wi.
+  np.testing.assert_array_equal(np.asarray(flat['token_embedder/embedding']),
+                                spec_mod._value('shared.weight', (spec_mod.ROWS, spec_mod.COLS)
+                                                ).astype(jnp.bfloat16))
+  wi = spec_mod._value('encoder.block.1.layer.1.DenseReluDense.wi.weight',
+                       (spec_mod.ROWS, spec_mod.COLS))
+  np.testing.assert_array_equal(np.asarray(flat['encoder/layers/mlp/wi/kernel'])[1],
+                                wi.T.astype(jnp.bfloat16))
+  layout = {}
 for name, (shape, _) in layout.items():
   want = spec_mod._value(name, shape).astype(jnp.bfloat16)
   for shard in flat[name].addressable_shards:
@@ -195,3 +279,33 @@ def test_streamed_restore_peak_memory(checkpoint):
   # even when glibc keeps freed transients resident.
   assert runs['restore_then_shard']['growth'] > size, report
   assert runs['stream_default_malloc']['growth'] < 0.85 * size, report
+
+
+@pytest.fixture(scope='module')
+def hf_checkpoint(tmp_path_factory):
+  root = tmp_path_factory.mktemp('hf_memory')
+  size = write_hf_checkpoint(root)
+  yield root, size
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(root, ignore_errors=True)
+
+
+def test_hf_streamed_restore_peak_memory(hf_checkpoint):
+  """The HF T5 reader streams too, stacking the scanned layers shard by shard."""
+  root, size = hf_checkpoint
+  assert 315 * MiB < size < 325 * MiB
+  largest_bf16 = 2 * ROWS * COLS * 2   # the stacked encoder wi / wo: [2, 1024, 8192] in bf16
+  runs = {'stream': _measure(root, 'hf_stream'), 'whole': _measure(root, 'hf_whole')}
+  report = {k: {f: round(v[f] / size, 3) for f in ('growth', 'resident', 'slack')}
+            for k, v in runs.items()}
+  print('HF host memory / fp32 checkpoint size:', report)
+  stream = runs['stream']
+  if not stream['reset'] and stream['slack'] > 0.05 * size:
+    pytest.skip(f'cannot reset VmHWM here and start-up peak hides the load: {report}')
+  assert 0.45 * size < stream['resident'] < 0.6 * size, report
+  assert stream['slack'] < 0.05 * size, report
+  bound = size / 2 + 2 * largest_bf16 + 32 * MiB   # = 0.8 S here
+  assert stream['growth'] < bound, (report, bound / size)
+  # Reading the whole fp32 checkpoint first (what the HF reader used to do) costs more than
+  # the checkpoint itself.
+  assert runs['whole']['growth'] > size, report

@@ -7,6 +7,7 @@ so a wrong config or a truncated file is diagnosed in one run.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 SEP = '/'
@@ -111,3 +112,29 @@ def check_tree(expected: Mapping[str, Any], loaded: Mapping[str, Any], *,
 def missing_checkpoint_error(path: Any, what: str, how_to_get: str) -> FileNotFoundError:
   """A FileNotFoundError naming the file(s) looked for and how to obtain them (raise it)."""
   return FileNotFoundError(f'{what} not found at {str(path)!r}.\n{how_to_get}')
+
+
+class UnsafePathError(ValueError):
+  """A checkpoint's own listing (index.json, TensorStore spec) names a file outside the checkpoint."""
+
+
+def resolve_inside(root: Any, relative: Any, listed_in: str) -> str:
+  """``root/relative`` as a normalised absolute path, or :class:`UnsafePathError` if it escapes.
+
+  root: the checkpoint directory. relative: a path *read from a checkpoint file*.
+  listed_in: which file listed it (for the message).
+  Refused: absolute paths, and paths whose '..' parts leave ``root`` (or name ``root``
+  itself). The check is on the normalised text, not after following symlinks: HF hub cache
+  snapshots are directories of symlinks into ``../../blobs``, and a symlink is put there
+  by whoever owns the directory, whereas ``relative`` is data that only names files.
+  """
+  rel = os.fspath(relative)
+  base = os.path.normpath(os.path.abspath(os.fspath(root)))
+  full = os.path.normpath(os.path.join(base, rel))
+  if (not rel or '\x00' in rel or os.path.isabs(rel) or full == base
+      or os.path.commonpath([base, full]) != base):
+    raise UnsafePathError(
+        f'{listed_in} names {rel!r}, which is outside the checkpoint directory {base!r}; '
+        'a checkpoint may only refer to files inside itself (no absolute paths, no ".." '
+        'leaving it): fix that entry or re-save the checkpoint')
+  return full

@@ -1,8 +1,11 @@
 """Hugging Face T5 / FLAN-T5 / mT5 ``save_pretrained`` directories -> adalink_jax T5 parameters.
 
 Reads ``config.json`` and ``model.safetensors`` (or the shards listed in
-``model.safetensors.index.json``) with the ``safetensors`` library in numpy mode:
-no torch, no pickle. HF names map to the t5x names of :mod:`adalink_jax.models.t5`:
+``model.safetensors.index.json``, which must lie inside the directory) straight from the
+safetensors layout: no torch, no pickle. Tensors are lazy sources read slice by slice, so
+:func:`load_hf_t5_params` streams each device's shard into place (scanned stacks included)
+without the checkpoint ever being on the host whole. HF names map to the t5x names of
+:mod:`adalink_jax.models.t5`:
 
   ``shared.weight [vocab, d]``                     -> ``token_embedder/embedding``
   ``{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight [buckets, heads]``
@@ -25,8 +28,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import struct
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +38,8 @@ import ml_dtypes
 import numpy as np
 
 from adalink_jax.checkpoints import common
+from adalink_jax.checkpoints.streaming import (ArraySource, Stacked, Transposed,
+                                               normalize_index, place_all)
 from adalink_jax.models import t5
 
 PathLike = Union[str, os.PathLike]
@@ -131,8 +137,14 @@ def _locate(path: PathLike) -> tuple[pathlib.Path, list[pathlib.Path]]:
   if not config.is_file():
     raise common.missing_checkpoint_error(config, CONFIG_FILE, _HOW_TO_GET)
   if (p / INDEX_FILE).is_file():
-    weight_map = json.loads((p / INDEX_FILE).read_text())['weight_map']
-    files = [p / f for f in sorted(set(weight_map.values()))]
+    weight_map = json.loads((p / INDEX_FILE).read_text()).get('weight_map')
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(f, str) for f in weight_map.values()):
+      raise ValueError(f'{p / INDEX_FILE}: "weight_map" must map tensor names to shard file '
+                       'names; re-save the checkpoint with save_pretrained()')
+    # The index is data: a shard named '../x' or '/x' would read files outside the checkpoint.
+    files = [pathlib.Path(common.resolve_inside(p, f, str(p / INDEX_FILE)))
+             for f in sorted(set(weight_map.values()))]
     absent = [f.name for f in files if not f.is_file()]
     if absent:
       raise common.missing_checkpoint_error(p, f'shards {absent} listed in {INDEX_FILE}',
@@ -158,26 +170,104 @@ def _read_bf16(file: pathlib.Path, name: str) -> np.ndarray:
   return data.reshape(entry['shape'])
 
 
-def read_safetensors(files: list[pathlib.Path]) -> dict[str, np.ndarray]:
-  """All tensors of the given safetensors files as numpy arrays (bfloat16 via ml_dtypes)."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  tensors = {}
+_ST_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+              'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32, 'I16': np.int16,
+              'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+_BLOCK_BYTES = 4 << 20  # rows read per step of a slice read: bounds the transient buffer
+
+
+class SafetensorsSource(ArraySource):
+  """One tensor of a safetensors file; ``read(index)`` reads only the rows of the slice.
+
+  The data is raw little-endian C-order at a known offset, so a slice is read in blocks of
+  whole rows (at most ``_BLOCK_BYTES`` at a time) and cut to the requested columns: host
+  memory is the slice plus one block, whatever the tensor's size.
+  """
+
+  def __init__(self, file: pathlib.Path, name: str, shape, dtype, offset: int):
+    self.file, self.name, self.offset = file, name, offset
+    self.shape, self.dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+
+  def read(self, index=()) -> np.ndarray:
+    idx = normalize_index(index, self.shape)
+    if not self.shape:
+      return np.fromfile(self.file, self.dtype, count=1, offset=self.offset).reshape(())
+    rest = self.shape[1:]
+    row = int(np.prod(rest, dtype=np.int64)) * self.dtype.itemsize
+    out = np.empty(tuple(s.stop - s.start for s in idx), self.dtype)
+    step = max(1, _BLOCK_BYTES // max(row, 1))
+    first, stop = idx[0].start, idx[0].stop
+    for r0 in range(first, stop, step):
+      r1 = min(stop, r0 + step)
+      block = np.fromfile(self.file, self.dtype, count=(r1 - r0) * (row // self.dtype.itemsize),
+                          offset=self.offset + r0 * row).reshape((r1 - r0,) + rest)
+      out[r0 - first:r1 - first] = block[(slice(None),) + idx[1:]]
+    return out
+
+
+def safetensors_sources(files: list[pathlib.Path]) -> dict[str, SafetensorsSource]:
+  """Every tensor of the given files as a lazy source, from the headers alone (no data read).
+
+  Format: u64-LE header length, JSON header ``{name: {dtype, shape, data_offsets}}``, data.
+  """
+  out: dict[str, SafetensorsSource] = {}
   for file in files:
-    with safe_open(str(file), framework='numpy') as f:
-      for name in f.keys():
-        if name in tensors:
-          raise ValueError(f'tensor {name!r} appears in more than one shard ({file.name})')
-        if f.get_slice(name).get_dtype() == 'BF16':
-          tensors[name] = _read_bf16(file, name)
-        else:
-          tensors[name] = f.get_tensor(name)
-  return tensors
+    size = file.stat().st_size
+    with open(file, 'rb') as f:
+      (n,) = struct.unpack('<Q', f.read(8))
+      if n > size - 8:
+        raise ValueError(f'{file}: not a safetensors file (header length {n} > file size)')
+      header = json.loads(f.read(n))
+    for name, entry in header.items():
+      if name == '__metadata__':
+        continue
+      if name in out:
+        raise ValueError(f'tensor {name!r} appears in more than one shard ({file.name})')
+      if entry.get('dtype') not in _ST_DTYPES:
+        raise ValueError(f'{file}: tensor {name!r} has dtype {entry.get("dtype")}, which is not '
+                         f'supported ({sorted(_ST_DTYPES)} are)')
+      dtype = np.dtype(_ST_DTYPES[entry['dtype']])
+      begin, end = entry['data_offsets']
+      nbytes = int(np.prod(entry['shape'], dtype=np.int64)) * dtype.itemsize
+      if end - begin != nbytes or begin < 0 or 8 + n + end > size:
+        raise ValueError(f'{file}: tensor {name!r} (shape {entry["shape"]}, {entry["dtype"]}) '
+                         f'has data offsets {[begin, end]} that do not fit the file; it is '
+                         'truncated or corrupt, download it again')
+      out[name] = SafetensorsSource(file, name, entry['shape'], dtype, 8 + n + begin)
+  return out
+
+
+def _same_values(a: ArraySource, b: ArraySource) -> bool:
+  """Elementwise equality of two sources, compared a block of rows at a time."""
+  if a.shape != b.shape:
+    return False
+  if not a.shape:
+    return bool(np.array_equal(a.read(), b.read()))
+  row = max(1, int(np.prod(a.shape[1:], dtype=np.int64)) * max(a.dtype.itemsize, 1))
+  step = max(1, _BLOCK_BYTES // row)
+  return all(np.array_equal(a.read((slice(r, r + step),)), b.read((slice(r, r + step),)))
+             for r in range(0, a.shape[0], step))
+
+
+class _ScaledHead(ArraySource):
+  """A scaled LM head as an explicit kernel: ``x * d_model**-0.5`` in fp32, in x's dtype."""
+
+  def __init__(self, base: ArraySource, factor: float):
+    self.base, self.factor = base, factor
+    self.name, self.shape, self.dtype = f'{base.name} * {factor:.6g}', base.shape, base.dtype
+
+  def children(self):
+    return (self.base,)
+
+  def read(self, index=()) -> np.ndarray:
+    x = self.base.read(index)
+    return (x.astype(np.float32) * np.float32(self.factor)).astype(x.dtype)
 
 
 # ------------------------------------------------------------------ name mapping
 
-_Transform = Callable[[np.ndarray], np.ndarray]
-_T = lambda x: x.T  # torch Linear [out, in] and Embedding [buckets, heads] -> ours
+_Transform = Callable[[ArraySource], ArraySource]
+_T = Transposed  # torch Linear [out, in] and Embedding [buckets, heads] -> ours
 _I = lambda x: x
 
 
@@ -231,19 +321,134 @@ def _expected_shapes(cfg: t5.T5Config) -> dict[str, Any]:
   return common.flatten(nn.unbox(variables['params']))
 
 
-def _stack_layers(flat: dict[str, np.ndarray], cfg: t5.T5Config) -> dict[str, np.ndarray]:
-  """``{stack}/layers_{i}/rest`` -> ``{stack}/layers/rest`` stacked on a leading layers axis."""
-  out = {}
-  for name, value in flat.items():
-    stack, first, *rest = name.split('/')
-    if first.startswith('layers_'):
-      if first == 'layers_0':
-        n = cfg.num_encoder_layers if stack == 'encoder' else cfg.num_decoder_layers
-        out['/'.join([stack, 'layers', *rest])] = np.stack(
-            [flat['/'.join([stack, f'layers_{i}', *rest])] for i in range(n)])
-    else:
-      out[name] = value
-  return out
+class _Opened:
+  """A checkpoint's config and lazily read tensors, with the LM-head facts settled (nothing read
+  but the headers, and the head / embedding copies compared block by block)."""
+
+  def __init__(self, path: PathLike, config: Optional[t5.T5Config]):
+    self.path = path
+    self.config_path, files = _locate(path)
+    hf_cfg = json.loads(self.config_path.read_text())
+    self.tensors: dict[str, ArraySource] = safetensors_sources(files)
+    self.scale = _scales_decoder_output(hf_cfg)
+    tensors = self.tensors
+    # The head: lm_head.weight when the file has one distinct from the embedding, else shared.
+    self.shared = tensors.get('shared.weight')
+    if self.shared is None:  # HF ties symmetrically: any embedding copy can stand in for it
+      for alias in ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight',
+                    'lm_head.weight'):
+        if alias in tensors:
+          self.shared = tensors['shared.weight'] = tensors[alias]
+          break
+    self.head = tensors.get('lm_head.weight')
+    self.head_is_embedding = self.head is None or (
+        self.shared is not None and _same_values(self.head, self.shared))
+    self.derived = t5_config_from_hf(hf_cfg).replace(
+        tie_embeddings=self.scale and self.head_is_embedding)
+    self.cfg = self.derived if config is None else config
+    for name in _IGNORED[:2]:
+      if name in tensors and self.shared is not None and not _same_values(tensors[name],
+                                                                           self.shared):
+        raise ValueError(f'{name} differs from shared.weight; separate encoder/decoder '
+                         'embeddings are not supported by t5.T5')
+
+  def check_settings(self, config: Optional[t5.T5Config]):
+    """Settings that shape checks cannot see but that change the function computed."""
+    if config is None:
+      return
+    diffs = [f'{field}: config has {getattr(config, field)!r}, {CONFIG_FILE} implies '
+             f'{getattr(self.derived, field)!r}'
+             for field in ('mlp_activations', 'relative_attention_max_distance',
+                           'layer_norm_epsilon')
+             if getattr(config, field) != getattr(self.derived, field)]
+    if diffs:
+      raise ValueError(f'config does not match {self.config_path}:\n  ' + '\n  '.join(diffs))
+
+
+def _map_to_model(ck: _Opened, wanted: Mapping[str, Any]
+                  ) -> tuple[dict[str, ArraySource], dict[str, str], list[str]]:
+  """One lazy source per wanted name (unscanned ``layers_<i>`` or scanned ``layers``).
+
+  Returns (sources, notes naming the HF tensor behind each name, unmapped HF tensors).
+  A scanned stack is a :class:`Stacked` of per-layer sources: each device's shard reads
+  its slice of every layer, so no stack is ever built whole on the host.
+  """
+  cfg = ck.cfg
+  table = _name_table(cfg.replace(scan_layers=False, lora=None, bottleneck=None))
+  used = set(_IGNORED) | {'lm_head.weight'}
+  notes = {ours: f'HF {hf}' for ours, (hf, _) in table.items()}
+
+  def source(ours: str) -> Optional[ArraySource]:
+    hf, transform = table[ours]
+    if hf not in ck.tensors:
+      return None
+    used.add(hf)
+    return transform(ck.tensors[hf])
+
+  mapped: dict[str, ArraySource] = {}
+  for ours, leaf in wanted.items():
+    m_scan = re.fullmatch(r'(encoder|decoder)/layers/(.+)', ours)
+    if ours == 'decoder/logits_dense/kernel':
+      notes[ours] = 'HF lm_head.weight'
+      head = ck.shared if ck.head is None else ck.head
+      if head is not None:
+        kernel = Transposed(head)
+        # A scaled head loaded as an explicit kernel: fold d_model**-0.5 into it.
+        mapped[ours] = _ScaledHead(kernel, cfg.d_model ** -0.5) if ck.scale else kernel
+    elif m_scan:
+      stack, rest = m_scan.groups()
+      names = [f'{stack}/layers_{i}/{rest}' for i in range(int(leaf.shape[0]))]
+      if not all(n in table for n in names):
+        continue
+      notes[ours] = notes[names[0]] + ' (one per layer, stacked)'
+      layers = [source(n) for n in names]
+      if any(p is None for p in layers):
+        notes[ours] += f': layers {[i for i, p in enumerate(layers) if p is None]} are missing'
+      elif len({p.shape for p in layers}) > 1:
+        notes[ours] += f': layers differ in shape {[p.shape for p in layers]}'
+      else:
+        mapped[ours] = Stacked(layers, f'{stack}.block.*: {rest}')
+    elif ours in table:
+      src = source(ours)
+      if src is not None:
+        mapped[ours] = src
+  if 'decoder/logits_dense/kernel' not in wanted and (not ck.head_is_embedding or not ck.scale):
+    raise ValueError(
+        'config.tie_embeddings=True (scaled, embedding-tied LM head, T5 1.0) but the checkpoint '
+        + ('has a separate lm_head.weight' if not ck.head_is_embedding else
+           'does not scale decoder outputs (T5 1.1 / FLAN-T5)')
+        + '; pass tie_embeddings=False')
+  unmapped = [f'{n}  (HF tensor with no place in the model)' for n in ck.tensors
+              if n not in used]
+  return mapped, notes, unmapped
+
+
+def load_hf_t5_params(path: PathLike, expected: Mapping[str, Any], *,
+                      config: Optional[t5.T5Config] = None, shardings: Any = None,
+                      dtype: Any = None, skip: Optional[Callable[[str], bool]] = None
+                      ) -> dict[str, Any]:
+  """Streams an HF T5 checkpoint into the layout of ``expected``, one array at a time.
+
+  path: the ``save_pretrained`` directory (or its ``model.safetensors`` / index file).
+  expected: the model's parameter tree (``jax.eval_shape`` of ``init`` or the initialised
+    params; unboxed or with flax boxes), scanned or not, for ``config`` (default: derived
+    from ``config.json``; checked against it as in :func:`load_hf_t5`).
+  shardings / dtype / skip: as in :func:`adalink_jax.checkpoints.t5x.load_t5x_params`
+    (default dtype: each ``expected`` leaf's; ``skip(name)`` leaves are returned as given).
+  Each device's shard is read from the file (only the rows it needs) and cast on its own,
+  so host memory stays bounded by about one array, never the whole checkpoint.
+  Returns a nested dict of ``jax.Array`` shaped like ``expected``.
+  """
+  ck = _Opened(path, config)
+  exp_flat = common.flatten(expected)
+  wanted = {n: v for n, v in exp_flat.items() if skip is None or not skip(n)}
+  mapped, notes, unmapped = _map_to_model(ck, wanted)
+  common.check_tree(wanted, mapped, source=f'HF checkpoint {str(path)!r}',
+                    extra_unexpected=unmapped, notes=notes)
+  ck.check_settings(config)
+  out = {n: v for n, v in exp_flat.items() if n not in wanted}
+  out.update(place_all(mapped, exp_flat, shardings, dtype))
+  return common.unflatten(out)
 
 
 def load_hf_t5(path: PathLike, config: Optional[t5.T5Config] = None, dtype: Any = None
@@ -257,75 +462,25 @@ def load_hf_t5(path: PathLike, config: Optional[t5.T5Config] = None, dtype: Any 
   dtype: cast every floating tensor to this dtype (e.g. ``jnp.bfloat16`` for frozen
     weights); default keeps the file's dtype. The config's dtypes are left as they are.
   Returns nested plain dicts of numpy arrays, the t5x layout of :class:`t5.T5` for this
-  config (stacked under ``{stack}/layers`` when ``scan_layers``). LoRA / bottleneck
-  parameters are not in HF files: initialise them and merge them in.
+  config (stacked under ``{stack}/layers`` when ``scan_layers``), read one array at a time
+  (the result is the only copy on the host). LoRA / bottleneck parameters are not in HF
+  files: initialise them and merge them in. To load straight into device shardings, use
+  :func:`load_hf_t5_params`.
   Raises FileNotFoundError (what is missing, how to get it) and
   :class:`common.CheckpointMismatchError` (every missing / unexpected / mis-shaped name).
   """
-  config_path, files = _locate(path)
-  hf_cfg = json.loads(config_path.read_text())
-  derived = t5_config_from_hf(hf_cfg)
-  tensors = read_safetensors(files)
-  scale = _scales_decoder_output(hf_cfg)
-
-  # The head: lm_head.weight when the file has one distinct from the embedding, else shared.
-  shared = tensors.get('shared.weight')
-  if shared is None:  # HF ties symmetrically: any embedding copy can stand in for it
-    for alias in ('encoder.embed_tokens.weight', 'decoder.embed_tokens.weight', 'lm_head.weight'):
-      if alias in tensors:
-        shared = tensors['shared.weight'] = tensors[alias]
-        break
-  head = tensors.get('lm_head.weight')
-  head_is_embedding = head is None or (
-      shared is not None and head.shape == shared.shape and np.array_equal(head, shared))
-  derived = derived.replace(tie_embeddings=scale and head_is_embedding)
-  cfg = derived if config is None else config
+  ck = _Opened(path, config)
   # Shapes come from the plain model: intrusive baselines add parameters HF files lack.
-  shape_cfg = cfg.replace(scan_layers=False, lora=None, bottleneck=None, remat_policy='none')
-
-  table = _name_table(shape_cfg)
-  flat, notes, used = {}, {}, set(_IGNORED) | {'lm_head.weight'}
-  for ours, (hf, transform) in table.items():
-    notes[ours] = f'HF {hf}'
-    if hf in tensors:
-      flat[ours] = transform(tensors[hf])
-      used.add(hf)
-  if not shape_cfg.tie_embeddings:
-    notes['decoder/logits_dense/kernel'] = 'HF lm_head.weight'
-    source = shared if head is None else head
-    if source is not None:
-      kernel = source.T
-      if scale:  # a scaled head loaded as an explicit kernel: fold d_model**-0.5 into it
-        kernel = (kernel.astype(np.float32) * np.float32(cfg.d_model ** -0.5)).astype(kernel.dtype)
-      flat['decoder/logits_dense/kernel'] = kernel
-  elif not head_is_embedding or not scale:
-    raise ValueError(
-        'config.tie_embeddings=True (scaled, embedding-tied LM head, T5 1.0) but the checkpoint '
-        + ('has a separate lm_head.weight' if not head_is_embedding else
-           'does not scale decoder outputs (T5 1.1 / FLAN-T5)')
-        + '; pass tie_embeddings=False')
-  for name in _IGNORED[:2]:
-    if name in tensors and shared is not None and not np.array_equal(tensors[name], shared):
-      raise ValueError(f'{name} differs from shared.weight; separate encoder/decoder '
-                       'embeddings are not supported by t5.T5')
-  unmapped = [f'{n}  (HF tensor with no place in the model)' for n in tensors if n not in used]
-  common.check_tree(_expected_shapes(shape_cfg), flat, source=f'HF checkpoint {str(path)!r}',
+  wanted = _expected_shapes(ck.cfg.replace(lora=None, bottleneck=None, remat_policy='none'))
+  mapped, notes, unmapped = _map_to_model(ck, wanted)
+  common.check_tree(wanted, mapped, source=f'HF checkpoint {str(path)!r}',
                     extra_unexpected=unmapped, notes=notes)
-
-  # Settings that shape checks cannot see but that change the function computed.
-  if config is not None:
-    diffs = [f'{field}: config has {getattr(config, field)!r}, {CONFIG_FILE} implies '
-             f'{getattr(derived, field)!r}'
-             for field in ('mlp_activations', 'relative_attention_max_distance',
-                           'layer_norm_epsilon')
-             if getattr(config, field) != getattr(derived, field)]
-    if diffs:
-      raise ValueError(f'config does not match {config_path}:\n  ' + '\n  '.join(diffs))
-
-  if dtype is not None:
-    dtype = jnp.dtype(dtype)
-    flat = {n: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
-            for n, v in flat.items()}
-  if cfg.scan_layers:
-    flat = _stack_layers(flat, cfg)
-  return cfg, common.unflatten(flat)
+  ck.check_settings(config)
+  cast = None if dtype is None else jnp.dtype(dtype)
+  flat = {}
+  for name in sorted(mapped):
+    value = mapped[name].read()
+    if cast is not None and jnp.issubdtype(value.dtype, jnp.floating):
+      value = value.astype(cast)
+    flat[name] = value
+  return ck.cfg, common.unflatten(flat)

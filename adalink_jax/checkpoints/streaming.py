@@ -4,7 +4,9 @@ A checkpoint reader produces :class:`ArraySource` objects: things with a ``shape
 a ``dtype`` and ``read(index) -> np.ndarray`` that read *only* the requested slice
 (TensorStore for T5X / Orbax, an in-memory array for msgpack or npz values).
 Layout conversions (one layer out of a scanned stack, moving the layers axis,
-stacking unscanned layers) are sources too, so they also read only what is needed.
+stacking unscanned layers, transposing) are sources too, so they also read only what is
+needed: a stacked source reads, for each device's shard, only that shard's slice of each
+layer, so a layer stack is never materialised whole on the host.
 
 :func:`materialize` turns one source into a ``jax.Array`` with
 ``jax.make_array_from_callback``: each device's shard is read from disk and cast
@@ -179,6 +181,27 @@ class LayersFirst(ArraySource):
     src_idx = list(idx[1:])
     src_idx.insert(self.axis, idx[0])
     return np.moveaxis(self.base.read(tuple(src_idx)), self.axis, 0)
+
+
+class Transposed(ArraySource):
+  """``np.transpose(base, axes)`` (default: all axes reversed); reads only the matching slice."""
+
+  def __init__(self, base: ArraySource, axes: Optional[Sequence[int]] = None):
+    self.base = base
+    self.axes = tuple(reversed(range(len(base.shape)))) if axes is None else tuple(axes)
+    self.name = f'{base.name}.T' if axes is None else f'{base.name}[axes {self.axes}]'
+    self.shape = tuple(base.shape[a] for a in self.axes)
+    self.dtype = base.dtype
+
+  def children(self):
+    return (self.base,)
+
+  def read(self, index: Index = ()) -> np.ndarray:
+    idx = normalize_index(index, self.shape)
+    src_idx = [slice(None)] * len(self.axes)
+    for out_axis, src_axis in enumerate(self.axes):
+      src_idx[src_axis] = idx[out_axis]
+    return np.transpose(self.base.read(tuple(src_idx)), self.axes)
 
 
 class Stacked(ArraySource):

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from adalink_jax.checkpoints.common import (CheckpointMismatchError, check_tree, flatten,
-                                            missing_checkpoint_error, unflatten)
+                                            missing_checkpoint_error, resolve_inside,
+                                            unflatten)
 from adalink_jax.checkpoints.streaming import (ArraySource, LayerSlice, LayersFirst,
                                                NumpySource, Stacked, TensorStoreSource,
                                                place_all)
@@ -120,9 +121,13 @@ def _absolute_spec(spec: Mapping[str, Any], ckpt_dir: str) -> dict[str, Any]:
     raise ValueError(f'TensorStore spec without a path: {spec}')
   if kvstore.get('driver') not in ('file', 'gfile', 'gcs'):
     raise ValueError(f'unsupported TensorStore kvstore driver in {spec}')
+  if not isinstance(rel, str):
+    raise ValueError(f'TensorStore spec with a non-string path {rel!r} in {ckpt_dir}/'
+                     f'{MSGPACK_FILE}; re-save the checkpoint with t5x')
   # Written on GCS or with gfile: the array files sit next to the msgpack all the same.
-  out = {'driver': spec.get('driver', 'zarr'),
-         'kvstore': {'driver': 'file', 'path': os.path.join(ckpt_dir, rel.rstrip('/')) + '/'}}
+  # The msgpack is data: a path such as '../x' or '/x' would read arrays outside the checkpoint.
+  where = resolve_inside(ckpt_dir, rel.rstrip('/'), f'{ckpt_dir}/{MSGPACK_FILE}')
+  out = {'driver': spec.get('driver', 'zarr'), 'kvstore': {'driver': 'file', 'path': where + '/'}}
   if spec.get('dtype') == 'uint16':
     raise ValueError(f'{rel}: uint16-encoded bfloat16 (T5X checkpoint version < 3) is not '
                      'supported; re-save the checkpoint with a current t5x')
