@@ -80,8 +80,9 @@ def load_into(init: Mapping, params: dict, shardings: Any, setup: Any) -> dict:
     log.info('loading the T5 encoder-decoder from %s (%s)', init['t5'], fmt)
     if fmt == 'hf':
       from adalink_jax.checkpoints import hf  # pylint: disable=g-import-not-at-top
-      _, loaded = hf.load_hf_t5(init['t5'], config=setup.t5_config)
-      _replace(t5_params, loaded, common.flatten(dict(t5_sh)))
+      t5_params = hf.load_hf_t5_params(init['t5'], t5_params, config=setup.t5_config,
+                                       shardings=t5_sh, skip=_is_adapter_path)
+      params = dict(params, t5=t5_params) if pali else t5_params
     elif fmt == 't5x':
       from adalink_jax.checkpoints import t5x  # pylint: disable=g-import-not-at-top
       t5_params = t5x.load_t5x_params(init['t5'], t5_params, shardings=t5_sh,
@@ -116,32 +117,30 @@ def load_into(init: Mapping, params: dict, shardings: Any, setup: Any) -> dict:
   return params
 
 
-def _replace(target: dict, source: Mapping, flat_shardings: Mapping):
-  """In-place: every leaf of ``source`` replaces the same path in ``target`` (shape-checked)."""
-  flat_t = common.flatten(target)
-  flat_s = common.flatten(dict(source))
-  common.check_tree({k: v for k, v in flat_t.items() if not _is_adapter_path(k)}, flat_s,
-                    source='T5 checkpoint')
-  for k, v in flat_s.items():
-    node = target
-    *parents, leaf = k.split('/')
-    for p in parents:
-      node = node[p]
-    node[leaf] = jax.device_put(np.asarray(v).astype(flat_t[k].dtype), flat_shardings[k])
-
-
 def describe(init: Mapping, frozen: Mapping) -> dict:
-  """What a checkpoint records about the backbone: its source paths and a content hash."""
+  """What a checkpoint records about the backbone: its source paths and a content hash.
+
+  The hash is computed where the weights are (:mod:`fingerprint`): no host copy, the same
+  value on any mesh and any number of processes."""
   from adalink_jax.peft import artifacts  # pylint: disable=g-import-not-at-top
   return {'sources': {k: v for k, v in dict(init or {}).items() if v},
-          'hash': artifacts.base_hash(frozen)}
+          'hash': artifacts.base_hash(frozen), 'hash_kind': artifacts.HASH_KIND}
 
 
-def check_same(saved: Mapping, current: Mapping):
-  """Refuses to resume adapters on a backbone other than the one they were trained on."""
-  if saved and saved.get('hash') != current.get('hash'):
+def check_same(saved: Mapping, current: Mapping, frozen: Mapping | None = None):
+  """Refuses to resume adapters on a backbone other than the one they were trained on.
+
+  A checkpoint written before ``hash_kind`` existed recorded a sha256 of the gathered values:
+  given ``frozen``, that older hash is recomputed to compare like with like."""
+  if not saved:
+    return
+  now = current.get('hash')
+  if saved.get('hash_kind') != current.get('hash_kind') and frozen is not None:
+    from adalink_jax.peft import artifacts  # pylint: disable=g-import-not-at-top
+    now = artifacts.legacy_base_hash(frozen)
+  if saved.get('hash') != now:
     raise ValueError(
         'the checkpoint was trained on a different frozen backbone:\n'
         f"  checkpoint: {saved.get('sources')} hash {saved.get('hash')}\n"
-        f"  this run:   {current.get('sources')} hash {current.get('hash')}\n"
+        f"  this run:   {current.get('sources')} hash {now}\n"
         'point config.init at the original backbone, or use a fresh --workdir')

@@ -1,9 +1,10 @@
 """Adapter artifacts: the trained params alone (safetensors) + a JSON card. No pickle.
 
 A directory holds ``adapter.safetensors`` (tensor names are ``'/'``-joined param paths) and
-``adapter_card.json`` (method, ranks, modalities, tasks, base model name, the base weights'
-hash and shapes). :func:`load_adapter` refuses a base whose hash or shapes differ unless
-``force=True``, and says exactly what differs.
+``adapter_card.json`` (method, ranks, modalities, tasks -- ``bank_tasks``: the task of each
+adapter of a bank, in bank order --, base model name, the base weights' hash and shapes).
+:func:`load_adapter` refuses a base whose hash or shapes differ unless ``force=True``, and says
+exactly what differs.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.flax import load_file, save_file
 
+from adalink_jax.checkpoints import fingerprint
 from adalink_jax.peft import methods
 
 FORMAT = 'adalink_jax.adapter/v1'
@@ -29,12 +31,19 @@ def _flat(tree: Mapping) -> dict[str, Any]:
   return methods._flat(tree)
 
 
-def base_hash(frozen: Mapping) -> str:
-  """sha256 over the frozen params, leaf by leaf in sorted path order: name, dtype, shape, bytes.
+HASH_KIND = 'fingerprint/v1'  # cards without 'base_hash_kind' hold legacy_base_hash
 
-  Deterministic across runs and hosts (C-order, little-endian bytes); only one leaf is on the
-  host at a time. Dtype is part of the hash: a bf16 copy of a base is a different base.
-  """
+
+def base_hash(frozen: Mapping) -> str:
+  """Content hash of the frozen params, computed where they live: the same on any mesh and
+  any number of processes, with no host copy (see :mod:`adalink_jax.checkpoints.fingerprint`).
+  Dtype is part of the hash: a bf16 copy of a base is a different base."""
+  return fingerprint.fingerprint(frozen)
+
+
+def legacy_base_hash(frozen: Mapping) -> str:
+  """The sha256 of gathered values that checkpoints and cards recorded before ``HASH_KIND``;
+  kept to check those against a base (needs every array addressable by this process)."""
   h = hashlib.sha256()
   for name, leaf in sorted(_flat(frozen).items()):
     a = np.asarray(jax.device_get(leaf))
@@ -49,10 +58,26 @@ def base_shapes(frozen: Mapping) -> dict[str, list]:
   return {k: [list(v.shape), np.dtype(v.dtype).name] for k, v in sorted(_flat(frozen).items())}
 
 
+def _bank_tasks(cfg: methods.PeftConfig, bank_tasks: Optional[Sequence[str]]) -> tuple:
+  """The card's task names, bank order; a bank without them would be unusable by name."""
+  names = tuple(cfg.bank_tasks if bank_tasks is None else bank_tasks)
+  if cfg.num_tasks > 1 and len(names) != cfg.num_tasks:
+    raise ValueError(f'save_adapter: a bank of num_tasks={cfg.num_tasks} needs one task name per '
+                     f'adapter, got bank_tasks={names}; pass bank_tasks= or set peft.bank_tasks')
+  return names
+
+
 def save_adapter(directory: str, trainable: Mapping, frozen: Mapping, peft_cfg: Any,
-                 base_model: str, extra: Optional[Mapping[str, Any]] = None) -> dict:
-  """Writes ``<directory>/adapter.safetensors`` + ``adapter_card.json``; returns the card."""
+                 base_model: str, extra: Optional[Mapping[str, Any]] = None,
+                 bank_tasks: Optional[Sequence[str]] = None) -> dict:
+  """Writes ``<directory>/adapter.safetensors`` + ``adapter_card.json``; returns the card.
+
+  bank_tasks: the bank's task names in bank order (default ``peft.bank_tasks``); required for
+  ``num_tasks > 1``, recorded as the card's ``bank_tasks``.
+  """
   cfg = methods.parse(peft_cfg)
+  names = _bank_tasks(cfg, bank_tasks)
+  cfg = methods.parse(dataclasses.replace(cfg, bank_tasks=names))
   flat = {k: jnp.asarray(v) for k, v in _flat(trainable).items()}
   if not flat:
     raise ValueError('save_adapter: no trainable params to save')
@@ -61,11 +86,11 @@ def save_adapter(directory: str, trainable: Mapping, frozen: Mapping, peft_cfg: 
   counts = methods.param_counts(trainable, lambda _: True, cfg.num_tasks)
   card = dict(
       format=FORMAT, method=cfg.method, base_model=base_model,
-      base_hash=base_hash(frozen), base_shapes=base_shapes(frozen),
+      base_hash=base_hash(frozen), base_hash_kind=HASH_KIND, base_shapes=base_shapes(frozen),
       ranks=cfg.ranks() if cfg.method == 'adalink' else (
           {'lora': cfg.rank} if cfg.method == 'lora' else {}),
       modalities=list(cfg.modalities) if cfg.method == 'adalink' else [],
-      num_tasks=cfg.num_tasks, num_params=counts['trainable'],
+      num_tasks=cfg.num_tasks, bank_tasks=list(names), num_params=counts['trainable'],
       tensors={k: [list(v.shape), np.dtype(v.dtype).name] for k, v in sorted(flat.items())},
       peft=_jsonable(dataclasses.asdict(cfg)), extra=_jsonable(dict(extra or {})))
   with open(os.path.join(directory, CARD), 'w') as f:
@@ -118,7 +143,7 @@ def _base_diff(card: Mapping, frozen: Mapping) -> list[str]:
   out += [f'{k}: adapter\'s base {want[k]} vs given {have[k]}'
           for k in sorted(set(have) & set(want)) if have[k] != want[k]]
   if not out:
-    got = base_hash(frozen)
+    got = (base_hash if card.get('base_hash_kind') == HASH_KIND else legacy_base_hash)(frozen)
     if got != card['base_hash']:
       out.append(f'same names and shapes but different weights: base hash '
                  f'{card["base_hash"][:16]}... (adapter) vs {got[:16]}... (given)')
