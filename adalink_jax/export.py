@@ -3,8 +3,10 @@
 Default: the adapter alone (``adapter.safetensors`` + ``adapter_card.json`` with method, ranks,
 modalities, tasks, base model and the base weights' hash). ``--fold`` also writes the text
 AdaLink folded into an encoder input-embedding table (``folded_embedding.safetensors``) that
-an unmodified T5 serves at no extra cost. ``--backbone`` writes the whole model (frozen +
-trainable merged) as a native backbone, e.g. the MMIT checkpoint the ``*_mmit`` configs start from.
+an unmodified T5 serves at no extra cost; for a per-task bank, ``--task=NAME`` names the task
+to fold (one of the card's ``bank_tasks``, e.g. ``--task=vqav2``). ``--backbone`` writes the
+whole model (frozen + trainable merged) as a native backbone, e.g. the MMIT checkpoint the
+``*_mmit`` configs start from.
 """
 from __future__ import annotations
 
@@ -14,13 +16,40 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from adalink_jax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'the run\'s config file', lock_config=True)
 flags.DEFINE_string('workdir', None, 'workdir of the training run')
 flags.DEFINE_string('out', None, 'output directory')
 flags.DEFINE_bool('fold', False, 'also write the folded text embedding table (AdaLink)')
 flags.DEFINE_bool('backbone', False, 'write frozen + trainable merged as a native backbone')
-flags.DEFINE_integer('task', -1, 'with --fold and a per-task bank: which task to fold')
+flags.DEFINE_string('task', '', 'with --fold and a per-task bank: the name of the task to fold '
+                    '(one of the bank_tasks in the adapter card)')
+
+
+def fold_index(bank, task: str, fold: bool):
+  """``--task`` -> the bank index to fold (None for a single adapter); UsageError otherwise.
+
+  bank: the run's :class:`~adalink_jax.peft.task_bank.TaskBank`, None when num_tasks=1.
+  Checked before anything is written, so a wrong name leaves no half-written export.
+  """
+  if task and not fold:
+    raise app.UsageError(f'--task={task} picks the bank adapter to fold: add --fold')
+  if not fold:
+    return None
+  if bank is None:
+    if task:
+      raise app.UsageError(f'--task={task}: this run has one adapter (peft.num_tasks=1), not a '
+                           'bank; drop --task')
+    return None
+  if not task:
+    raise app.UsageError(f'--fold on a bank of {bank.num_tasks} adapters needs --task=NAME, one '
+                         f'of {list(bank.names)}')
+  try:
+    return bank.index(task)
+  except ValueError as e:
+    raise app.UsageError(f'--task: {e}') from e
 
 
 def main(argv):
@@ -34,10 +63,13 @@ def main(argv):
   from adalink_jax import peft  # pylint: disable=g-import-not-at-top
   logs.setup_logging()
   config = FLAGS.config
+  cli.resolve_demo_backbone(config, FLAGS['config'].config_filename)
   t = trainer_lib.Trainer(config, FLAGS.out)
+  bank = getattr(t.source, 'bank', None)
+  task_index = fold_index(bank, FLAGS.task, FLAGS.fold)
   trainable, frozen = t.init_params()
   step, trainable, meta = trainer_lib.restore_trainable(t, trainable, FLAGS.workdir)
-  backbone.check_same(meta.get('backbone', {}), backbone.describe(config.init, frozen))
+  backbone.check_same(meta.get('backbone', {}), backbone.describe(config.init, frozen), frozen)
   os.makedirs(FLAGS.out, exist_ok=True)
   if FLAGS.backbone:
     backbone.save_native(FLAGS.out, peft.merge(trainable, frozen),
@@ -48,7 +80,8 @@ def main(argv):
     return 0
   base = f'{config.model.family}:{config.model.name}'
   card = peft.save_adapter(FLAGS.out, trainable, frozen, dict(config.peft), base,
-                           extra={'step': step, 'source_run': os.path.abspath(FLAGS.workdir)})
+                           extra={'step': step, 'source_run': os.path.abspath(FLAGS.workdir)},
+                           bank_tasks=bank.names if bank is not None else None)
   print(f'wrote adapter ({card["num_params"]:,} params) to {FLAGS.out}')
   if FLAGS.fold:
     if config.peft.method != 'adalink' or 'text' not in tuple(config.peft.modalities):
@@ -58,13 +91,14 @@ def main(argv):
     emb = emb['token_embedder']['embedding'] if config.model.family == 'pali' else emb['embedding']
     adapters = params.get('encoder_input_adapter') or params['t5']['encoder_input_adapter']
     table = peft.fold_text_embedding(emb, adapters['text'], config.peft.activation,
-                                     task=None if FLAGS.task < 0 else FLAGS.task)
+                                     task=task_index)
     save_file({'token_embedder/embedding': np.asarray(table)},
               os.path.join(FLAGS.out, 'folded_embedding.safetensors'))
-    print(f'wrote folded encoder embedding table {tuple(table.shape)}')
+    which = '' if task_index is None else f' for task {bank.names[task_index]!r}'
+    print(f'wrote folded encoder embedding table {tuple(table.shape)}{which}')
   return 0
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir', 'out'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

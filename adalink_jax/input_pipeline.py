@@ -5,6 +5,11 @@ same, so resuming at step ``s`` just starts at batch ``s``), ``eval_batches(n)``
 ``decode_text(ids)``. Batches are dicts of numpy arrays (``image``, ``encoder_input_tokens``,
 ``decoder_input_tokens``, ``decoder_target_tokens``, ``decoder_loss_weights``, ``task_id``)
 plus ``answers`` (reference strings per example) for eval.
+
+``task_id`` leaves the sources as a *global* id (``tasks.common.TASK_IDS``; the demo is 0).
+With a per-task adapter bank (``peft.num_tasks > 1``) :func:`make_source` wraps the source so
+every batch reaching the model carries *bank indices* instead, and refuses tasks outside the
+bank (see :mod:`adalink_jax.peft.task_bank`).
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from adalink_jax.peft import task_bank
 
 
 def local_batch_size(global_batch_size: int) -> int:
@@ -35,6 +42,10 @@ def _host_slice(batch: dict) -> dict:
     rows = len(v) // n
     out[k] = v[i * rows:(i + 1) * rows]
   return out
+
+
+# The demo's ShapesTask labels every example task 0, its only task.
+DEMO_TASKS = {'demo': 0}
 
 
 class DemoSource:
@@ -61,15 +72,66 @@ class DemoSource:
     return self.task.decode_text(ids)
 
 
+class BankedSource:
+  """A source whose batches carry bank indices (``bank.map_batch_task_ids``), not global ids."""
+
+  def __init__(self, source: Any, bank: task_bank.TaskBank):
+    self.source = source
+    self.bank = bank
+
+  def train_batches(self, start: int = 0) -> Iterator[dict]:
+    for i, b in enumerate(self.source.train_batches(start), start):
+      yield self.bank.map_batch_task_ids(b, f'train batch {i}')
+
+  def eval_batches(self, num_batches: int) -> Iterator[dict]:
+    for i, b in enumerate(self.source.eval_batches(num_batches)):
+      yield self.bank.map_batch_task_ids(b, f'eval batch {i}')
+
+  def __getattr__(self, name: str) -> Any:  # decode_text, vocab, ... of the wrapped source
+    return getattr(self.__dict__['source'], name)
+
+
+def _seqio_names(task: Any) -> tuple[str, ...]:
+  """Names of the seqio Tasks in a Task or (nested) Mixture."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  return tuple(t.name for t in (task.tasks if isinstance(task, seqio.Mixture) else [task]))
+
+
+def _task_catalog(source: Any) -> tuple[dict, Any, tuple, tuple]:
+  """(name -> global id, name normaliser, training task names, eval task names) of a source."""
+  if isinstance(source, DemoSource):
+    return DEMO_TASKS, str, tuple(DEMO_TASKS), tuple(DEMO_TASKS)
+  from tasks import common  # pylint: disable=g-import-not-at-top
+  return (common.TASK_IDS, common.benchmark_of, _seqio_names(source.train_task),
+          _seqio_names(source.eval_task))
+
+
+def task_bank_for(config: Any, source: Any) -> task_bank.TaskBank:
+  """The bank ``config.peft`` asks for (``bank_tasks`` or the training tasks), checked against
+  the training and eval tasks of ``source`` before any data is read."""
+  catalog, canonical, train, evals = _task_catalog(source)
+  p, d = config.peft, config.data
+  bank = task_bank.resolve_bank(tuple(p.get('bank_tasks', ()) or ()), int(p.num_tasks), train,
+                                catalog, canonical)
+  task_bank.check_declared(bank, train, f'training data (config.data.task={d.get("task")!r})')
+  task_bank.check_declared(bank, evals, 'eval data (config.data.eval_task='
+                           f'{d.get("eval_task") or d.get("task")!r})')
+  return bank
+
+
 def make_source(config: Any):
-  """``config.data.kind`` -> a source ('demo' or 'seqio')."""
+  """``config.data.kind`` -> a source ('demo' or 'seqio'); bank indices for a task bank."""
   kind = config.data.kind
   if kind == 'demo':
-    return DemoSource(config)
-  if kind == 'seqio':
+    source = DemoSource(config)
+  elif kind == 'seqio':
     from adalink_jax import seqio_source  # pylint: disable=g-import-not-at-top
-    return seqio_source.SeqioSource(config)
-  raise ValueError(f"config.data.kind={kind!r}; choose 'demo' or 'seqio'")
+    source = seqio_source.SeqioSource(config)
+  else:
+    raise ValueError(f"config.data.kind={kind!r}; choose 'demo' or 'seqio'")
+  if int(config.peft.get('num_tasks', 1)) == 1:
+    return source
+  return BankedSource(source, task_bank_for(config, source))
 
 
 def gather_strings(items: list) -> list:

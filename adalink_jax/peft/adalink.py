@@ -15,7 +15,8 @@ embeddings, including during KV-cache decoding (it is per-token).
 
 ``up`` is zero-initialised, so at step 0 the adapted model equals the frozen one exactly.
 With ``num_tasks > 1`` every parameter gets a leading ``tasks`` axis and each example picks its
-adapter with a gather on ``task_id`` -- a batch may mix tasks.
+adapter with a gather on ``task_id`` -- a batch may mix tasks. ``task_id`` is the *bank index*
+(0..num_tasks-1, see :mod:`adalink_jax.peft.task_bank`); anything else raises, under jit too.
 """
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adalink_jax.models import t5
 from adalink_jax.models.axes import param
 from adalink_jax.models.layers import activation as get_activation
+from adalink_jax.peft import task_bank
 
 Dtype = Any
 
@@ -41,14 +44,6 @@ def modality_id(name: str) -> int:
   if name not in MODALITY_IDS:
     raise ValueError(f'unknown modality {name!r}; choose from {sorted(MODALITY_IDS)}')
   return MODALITY_IDS[name]
-
-
-def _per_example(p: jax.Array, task_id: Optional[jax.Array], num_tasks: int) -> jax.Array:
-  """Bank ``[tasks, ...]`` -> per-example ``[b, ...]`` with one gather (no Python loop)."""
-  if task_id is None:
-    raise ValueError(f'this adapter holds a bank of num_tasks={num_tasks} adapters: '
-                     'pass task_id[b]')
-  return jnp.take(p, task_id.astype(jnp.int32), axis=0)
 
 
 def _matmul(x: jax.Array, w: jax.Array, banked: bool) -> jax.Array:
@@ -87,7 +82,9 @@ class LowRankResidual(nn.Module):
     up = param(self, 'up', nn.initializers.zeros, lead + (r, d), self.param_dtype,
                lead_axes + ('rank', 'embed'))
     banked = nt > 1
-    pick = (lambda p: _per_example(p, task_id, nt)) if banked else (lambda p: p)
+    if banked:  # one range check per call, then plain gathers
+      ids = task_bank.bank_indices(task_id, nt, f'AdaLink {self.name or "adapter"}')
+    pick = (lambda p: task_bank.gather(p, ids)) if banked else (lambda p: p)
     h = _matmul(x.astype(self.dtype), pick(down).astype(self.dtype), banked)
     if self.use_bias:
       b1 = param(self, 'down_bias', nn.initializers.zeros, lead + (r,), self.param_dtype,
@@ -138,7 +135,15 @@ class AdaLink(nn.Module):
 
 
 def select_task(adapter_params: dict, task: int) -> dict:
-  """Bank params (leading ``tasks`` axis on every leaf) -> one task's single-adapter params."""
+  """Bank params (leading ``tasks`` axis on every leaf) -> one task's single-adapter params.
+
+  ``task`` is a bank index; ValueError if it is outside the bank (never a wrapped index).
+  """
+  sizes = {np.shape(p)[0] if np.ndim(p) else None for p in jax.tree.leaves(adapter_params)}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(f'select_task: not a bank (leading sizes {sorted(map(str, sizes))} differ); '
+                     'only params with a leading tasks axis hold several tasks')
+  task = task_bank.check_index(task, sizes.pop(), 'select_task')
   return jax.tree.map(lambda p: p[task], adapter_params)
 
 
@@ -147,13 +152,19 @@ def fold_text_embedding(embedding: jax.Array, text_params: dict, activation: str
   """Folds the text adapter into an encoder input table ``E' = E + act(E @ down + b1) @ up + b2``.
 
   embedding: ``[vocab, d]`` (the frozen shared table); text_params: the ``text`` subtree of the
-  AdaLink params (``down [d, r]``, ``up [r, d]``, optional biases; pass ``task`` for a bank).
+  AdaLink params (``down [d, r]``, ``up [r, d]``, optional biases; for a bank, ``down
+  [tasks, d, r]`` etc. and ``task``: the bank index to fold, checked against the bank's size).
   The adapter is a per-token function of the embedding row, so this is exact for any activation.
   Serve it with :func:`folded_encoder_params` -- the shared table (decoder, tied head) is untouched.
   """
+  is_bank = np.ndim(text_params['down']) == 3
+  if task is None and is_bank:
+    raise ValueError(f'text adapter down has shape {np.shape(text_params["down"])}: it is a '
+                     'bank, pass task=<bank index>')
+  if task is not None and not is_bank:
+    raise ValueError(f'fold_text_embedding(task={task!r}): the text adapter is not a bank '
+                     f'(down {np.shape(text_params["down"])}); omit task')
   p = text_params if task is None else select_task(text_params, task)
-  if p['down'].ndim != 2:
-    raise ValueError(f'text adapter down has shape {p["down"].shape}: it is a bank, pass task=')
   e = embedding.astype(dtype)
   h = e @ p['down'].astype(dtype)
   if 'down_bias' in p:

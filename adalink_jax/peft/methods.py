@@ -35,6 +35,9 @@ class PeftConfig:
   rank: Union[int, Mapping[str, int]] = 64
   modalities: tuple[str, ...] = ('text', 'image')
   num_tasks: int = 1
+  # With num_tasks > 1: the bank's tasks in bank order (task/benchmark names; index i is
+  # bank_tasks[i]). Empty: the training data's tasks, ordered by global task id.
+  bank_tasks: tuple[str, ...] = ()
   activation: str = 'identity'
   use_bias: bool = False
   decoder_inputs: bool = False      # AdaLink also on decoder token embeddings
@@ -97,6 +100,7 @@ def _validate(cfg: PeftConfig) -> None:
       bad('activation', f'choose from {sorted(layers.ACTIVATIONS)}')
   if cfg.num_tasks < 1:
     bad('num_tasks', 'must be >= 1')
+  _validate_bank(cfg, bad)
   if cfg.method == 'prompt':
     if cfg.prompt_length < 1:
       bad('prompt_length', 'must be >= 1')
@@ -117,6 +121,18 @@ def _validate(cfg: PeftConfig) -> None:
       bad('adapter_activation', f'choose from {sorted(intrusive._ACTS)}')
   if cfg.num_tasks > 1 and cfg.method not in ('adalink', 'prompt'):
     bad('num_tasks', f'per-task banks exist for adalink and prompt, not {cfg.method!r}')
+
+
+def _validate_bank(cfg: PeftConfig, bad: Callable[[str, str], None]) -> None:
+  """bank_tasks: strings, no repeats, one per adapter of the bank (or empty: derived)."""
+  names = cfg.bank_tasks
+  if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+    bad('bank_tasks', 'give a tuple of task names, e.g. (\'vqav2\', \'okvqa\')')
+  if names and len(names) != cfg.num_tasks:
+    bad('bank_tasks', f'lists {len(names)} tasks but peft.num_tasks={cfg.num_tasks}; '
+        'give one name per adapter of the bank')
+  if len(set(names)) != len(names):
+    bad('bank_tasks', 'names a task twice; each task gets one adapter of the bank')
 
 
 # ------------------------------------------------------------------ what trains

@@ -16,6 +16,7 @@ import numpy as np
 
 from adalink_jax.models import t5
 from adalink_jax.models.axes import param
+from adalink_jax.peft import task_bank
 from adalink_jax.peft.adalink import PROMPT
 
 Dtype = Any
@@ -45,7 +46,7 @@ class PromptTuning(nn.Module):
   """``EncoderInputs[b, l] -> EncoderInputs[b, length + l]`` with a learned prompt in front.
 
   Param ``prompt [length, d]`` (axes pos, embed), or ``[tasks, length, d]`` for a bank chosen
-  per example by ``task_id``. ``prompt_init`` defaults to uniform(-init_range, init_range);
+  per example by ``task_id`` (bank indices 0..num_tasks-1; others raise, under jit too). ``prompt_init`` defaults to uniform(-init_range, init_range);
   pass :func:`vocab_init` to start from vocabulary embeddings.
   """
   length: int
@@ -69,9 +70,8 @@ class PromptTuning(nn.Module):
     else:
       prompt = param(self, 'prompt', init, (self.num_tasks, self.length, d), self.param_dtype,
                      ('tasks', 'pos', 'embed'))
-      if inputs.task_id is None:
-        raise ValueError(f'prompt bank of num_tasks={self.num_tasks}: pass task_id[b]')
-      prompt = jnp.take(prompt, inputs.task_id.astype(jnp.int32), axis=0)
+      ids = task_bank.bank_indices(inputs.task_id, self.num_tasks, 'PromptTuning bank')
+      prompt = task_bank.gather(prompt, ids)
     prompt = prompt.astype(self.dtype).astype(x.dtype)
     return inputs._replace(
         embeddings=jnp.concatenate([prompt, x], axis=1),
