@@ -35,12 +35,18 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def peft_block(method: str, rank: int, num_tasks: int = 1,
-               modalities: tuple[str, ...] = ('text', 'image')) -> ml_collections.ConfigDict:
-  """The ``peft`` block for ``method`` with the paper's settings for each baseline."""
+               modalities: tuple[str, ...] = ('text', 'image'),
+               bank_tasks: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """The ``peft`` block for ``method`` with the paper's settings for each baseline.
+
+  num_tasks > 1: a per-task bank; ``bank_tasks`` names its tasks in bank order (benchmark
+  names, e.g. ``('glue_cola', 'glue_rte')``); empty: the training mixture's tasks by global id.
+  """
   if method not in METHODS:
     raise ValueError(f'method={method!r}; choose from {METHODS}')
   return ml_collections.ConfigDict(dict(
       method=method, rank=rank, modalities=modalities, num_tasks=num_tasks,
+      bank_tasks=tuple(bank_tasks),
       activation='identity', use_bias=False, decoder_inputs=False,
       prompt_length=20, prompt_init='uniform', lora_alpha=float(2 * rank),
       lora_targets=('query', 'key', 'value', 'out'), adapter_dim=rank))
@@ -62,9 +68,17 @@ def base(*, steps: int = 10_000, batch: int = 128, lr: float = 1e-3,
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.best_metric = ''
+  c.preempt_check_every = 10   # steps between the hosts' agreement on a SIGTERM
+  c.restart = False           # True: move an existing run in the workdir aside, start again
   c.init = ml_collections.ConfigDict(dict(native='', t5='', t5_format='hf', vit='',
                                           vit_format='big_vision'))
   return c
+
+
+# Data-dir keys (adalink_jax.data re-exports them); '<name>_images' optionally overrides the
+# image folder of '<name>'. Each is a config field, so `--config.data.data_dirs.vqav2=DIR` works.
+DATA_DIR_KEYS = ('coco', 'textcaps', 'textcaps_images', 'vqav2', 'okvqa', 'textvqa',
+                 'textvqa_images', 'stvqa', 'stvqa_images', 'docvqa', 'docvqa_images')
 
 
 def multimodal(benchmark: str, style: str, metric: str, arg: str | None, *,
@@ -83,7 +97,8 @@ def multimodal(benchmark: str, style: str, metric: str, arg: str | None, *,
   c.data = ml_collections.ConfigDict(dict(
       kind='seqio', task=f'{benchmark}_{style}', eval_task='', train_split='train',
       eval_split='validation', text_len=text_len, target_len=target_len,
-      image_size=a.image_size, tfds_data_dir='', vocab='', data_dirs={}))
+      image_size=a.image_size, tfds_data_dir='', vocab='', truncate='question_start',
+      data_dirs=dict.fromkeys(DATA_DIR_KEYS, '')))
   c.eval = ml_collections.ConfigDict(dict(
       every=2000, num_batches=0, metric=metric, at_start=False,
       decoding=dict(method='greedy', max_decode_len=target_len)))
@@ -121,7 +136,9 @@ def glue(model: str, arg: str | None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       kind='seqio', task='glue_v002_proportional_raw', eval_task=a.eval_task, pack=False,
       train_split='train', eval_split='validation', text_len=512, target_len=8,
-      image_size=224, tfds_data_dir='', vocab='', data_dirs={}))
+      # 'end': T5's GLUE inputs are cut at the tail (two texts, no question to keep the end of).
+      image_size=224, tfds_data_dir='', vocab='', truncate='end',
+      data_dirs=dict.fromkeys(DATA_DIR_KEYS, '')))
   c.eval = ml_collections.ConfigDict(dict(
       every=2000, num_batches=0, metric='exact_match', at_start=False,
       decoding=dict(method='greedy', max_decode_len=8)))

@@ -5,12 +5,18 @@
   TFDS data dir, image size, vocabulary and prompt style. Nothing is read at import time;
   a missing file raises :class:`DataNotFoundError` naming the files, the folder searched and
   the official download pages.
-* **Vocabulary**: a SentencePiece model from ``configure(vocab_path=...)``; the default is T5's
-  public ``cc_all.32000.100extra`` model plus 100 sentinel ids (32100 ids).
+* **Vocabulary**: a SentencePiece model from ``configure(vocab_path=...)`` (``config.data.vocab``
+  in experiment configs); the default is T5's public ``cc_all.32000.100extra`` model on Google
+  Cloud Storage plus 100 sentinel ids (32100 ids). A model that cannot be read raises
+  :class:`VocabularyNotFoundError` naming the setting, the path and how to use a local file.
 * **Images** are decoded by TensorFlow, resized (bilinear, aspect ratio not kept, as PaLI /
   big_vision do) to ``image_size`` x ``image_size`` and scaled to [-1, 1]. An unreadable or
   corrupt file skips its example; skips are counted per dataset (:func:`skipped_images`) and
   summarised at interpreter exit.
+* **Truncation**: token sequences longer than the configured lengths are cut as
+  ``configure(truncate=...)`` says (see ``TRUNCATE_MODES``) by the tasks' ``fit_to_length``
+  step; every cut is counted per task and feature (:func:`truncations`) and summarised at exit.
+  :func:`data_report` returns both counters (for ``result.json``).
 * :class:`PaLIFeatureConverter` turns task examples into model batches.
 """
 from __future__ import annotations
@@ -23,6 +29,9 @@ import os
 import threading
 from typing import Callable, Mapping, Optional, Sequence
 
+from google.protobuf.message import DecodeError
+
+from adalink_jax.config_lib import DATA_DIR_KEYS  # noqa: F401  (one config field per key)
 from adalink_jax.env import import_tensorflow
 
 tf = import_tensorflow()
@@ -31,10 +40,12 @@ import seqio  # pylint: disable=g-import-not-at-top,wrong-import-position
 DEFAULT_VOCAB_PATH = 'gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model'
 DEFAULT_EXTRA_IDS = 100
 PROMPT_STYLES = ('raw', 'mmit')
-
-# Data-dir keys. '<name>_images' optionally overrides the image folder of '<name>'.
-DATA_DIR_KEYS = ('coco', 'textcaps', 'textcaps_images', 'vqav2', 'okvqa', 'textvqa',
-                 'textvqa_images', 'stvqa', 'stvqa_images', 'docvqa', 'docvqa_images')
+# How an over-long token sequence is fitted to its length (config.data.truncate):
+#   question_start  inputs keep the prompt's leading words and the END of the rest (the
+#                   question and any trailing instruction); targets keep their start.
+#   end             seqio's default: cut the tail of both.
+#   error           refuse: TruncationError naming the task, example id and lengths.
+TRUNCATE_MODES = ('question_start', 'end', 'error')
 
 # Official sources, quoted in DataNotFoundError messages.
 DOWNLOAD_HINTS: dict[str, str] = {
@@ -77,6 +88,18 @@ class DataNotFoundError(FileNotFoundError):
   """Raised when a configured (or unconfigured) data location lacks the expected files."""
 
 
+class NoExamplesError(DataNotFoundError):
+  """Raised when a dataset yields no usable example (e.g. every image was unreadable)."""
+
+
+class VocabularyNotFoundError(FileNotFoundError):
+  """Raised when the configured SentencePiece model cannot be read."""
+
+
+class TruncationError(ValueError):
+  """Raised (with ``truncate='error'``) for an example longer than its sequence length."""
+
+
 @dataclasses.dataclass
 class DataConfig:
   """Process-wide data settings. Change them with :func:`configure` / :func:`set_data_dirs`."""
@@ -87,6 +110,7 @@ class DataConfig:
   image_size: int = 224
   resize_method: str = 'bilinear'
   prompt_style: str = 'raw'
+  truncate: str = 'question_start'
 
 
 def _config_from_env() -> DataConfig:
@@ -134,7 +158,8 @@ def set_data_dirs(dirs: Mapping[str, Optional[str]]) -> None:
 def configure(*, tfds_data_dir: Optional[str] = None, vocab_path: Optional[str] = None,
               extra_ids: Optional[int] = None, image_size: Optional[int] = None,
               resize_method: Optional[str] = None, prompt_style: Optional[str] = None,
-              data_dirs: Optional[Mapping[str, Optional[str]]] = None) -> DataConfig:
+              data_dirs: Optional[Mapping[str, Optional[str]]] = None,
+              truncate: Optional[str] = None) -> DataConfig:
   """Updates the given settings (others unchanged) and returns the new configuration.
 
   Changing the vocabulary re-registers every task (callbacks from :func:`on_vocabulary_change`)
@@ -150,6 +175,11 @@ def configure(*, tfds_data_dir: Optional[str] = None, vocab_path: Optional[str] 
     if prompt_style not in PROMPT_STYLES:
       raise ValueError(f'prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}')
     _CONFIG.prompt_style = prompt_style
+  if truncate is not None:
+    if truncate not in TRUNCATE_MODES:
+      raise ValueError(f'truncate (config.data.truncate) must be one of {TRUNCATE_MODES}, '
+                       f'got {truncate!r}')
+    _CONFIG.truncate = truncate
   if tfds_data_dir is not None:  # '' unsets it (back to TFDS's own default / $TFDS_DATA_DIR)
     _CONFIG.tfds_data_dir = os.fspath(tfds_data_dir) or None
     # seqio's TfdsDataSource reads this override lazily, at dataset build time.
@@ -178,17 +208,47 @@ def on_vocabulary_change(callback: Callable[[], None]) -> None:
     _VOCAB_CALLBACKS.append(callback)
 
 
+def vocabulary_error_message(path: str, err: BaseException) -> str:
+  """One line: which vocabulary setting failed, on which path, why, and how to fix it."""
+  reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+  default = (' (the default: config.data.vocab is empty, so T5\'s public vocabulary on Google '
+             'Cloud Storage is used; offline, copy it first with `gsutil cp '
+             f'{DEFAULT_VOCAB_PATH} .` on a machine with network access, or use the '
+             'spiece.model in a Hugging Face T5 / FLAN-T5 checkpoint folder)'
+             if path == DEFAULT_VOCAB_PATH else '')
+  return (f'cannot read the SentencePiece vocabulary {path!r}{default}: '
+          f'{type(err).__name__}: {reason}. Point config.data.vocab at a local SentencePiece '
+          'model file: --config.data.vocab=/path/to/spiece.model (library use: '
+          'adalink_jax.data.configure(vocab_path=...) or the ADALINK_VOCAB variable)')
+
+
+class _Vocabulary(seqio.SentencePieceVocabulary):
+  """seqio's SentencePieceVocabulary whose lazy model load fails with one clear line."""
+
+  def _model_context(self):
+    if self._model:
+      return self._model
+    try:
+      return super()._model_context()
+    except (tf.errors.OpError, OSError, RuntimeError, ValueError, DecodeError) as e:
+      # Read errors (gs:// offline: "Could not resolve host", a missing file) and parse
+      # errors (not a SentencePiece model) would otherwise surface deep inside seqio.
+      raise VocabularyNotFoundError(
+          vocabulary_error_message(self.sentencepiece_model_file, e)) from e
+
+
 _VOCABS: dict[tuple[str, int], seqio.SentencePieceVocabulary] = {}
 
 
 def get_vocabulary() -> seqio.SentencePieceVocabulary:
   """The configured SentencePiece vocabulary (one shared instance per path and extra_ids).
 
-  The model file is only read on first use, so a ``gs://`` default costs nothing until then.
+  The model file is only read on first use, so a ``gs://`` default costs nothing until then;
+  a file that cannot be read raises :class:`VocabularyNotFoundError` at that first use.
   """
   key = (_CONFIG.vocab_path, _CONFIG.extra_ids)
   if key not in _VOCABS:
-    _VOCABS[key] = seqio.SentencePieceVocabulary(key[0], extra_ids=key[1])
+    _VOCABS[key] = _Vocabulary(key[0], extra_ids=key[1])
   return _VOCABS[key]
 
 
@@ -281,11 +341,88 @@ def skipped_images_report() -> str:
   return '\n'.join(lines)
 
 
+def skipped_images_folder(dataset: str) -> Optional[str]:
+  """The folder holding every unreadable image of ``dataset`` seen so far (None if none)."""
+  paths = skipped_image_paths(dataset)
+  if not paths:
+    return None
+  return os.path.commonpath([os.path.dirname(p) for p in paths]) if len(paths) > 1 else (
+      os.path.dirname(paths[0]))
+
+
+def data_dir_key_of(path: str) -> Optional[str]:
+  """The configured data-dir key whose folder contains ``path`` (the most specific one)."""
+  hits = [(len(d), k) for k, d in _CONFIG.data_dirs.items()
+          if d and (path == d or path.startswith(d.rstrip('/') + '/'))]
+  return max(hits)[1] if hits else None
+
+
+# ----------------------------------------------------------------------------- truncation
+
+_TRUNC_LOCK = threading.Lock()
+# task -> feature -> ids of the distinct examples cut (an example re-read each epoch, or by
+# the two passes of an eval, counts once, like the distinct files of the image skips).
+_TRUNCATED: dict[str, dict[str, set[str]]] = collections.defaultdict(
+    lambda: collections.defaultdict(set))
+
+
+def record_truncation(task: str, feature: str, example_id: str, length: int,
+                      limit: int) -> None:
+  """Counts the over-long ``feature`` ('inputs' / 'targets') of one example of ``task``.
+
+  Called from the pipeline (``tasks.common.fit_to_length``) for every cut; the first few
+  distinct examples per task are logged with their lengths.
+  """
+  with _TRUNC_LOCK:
+    ids = _TRUNCATED[task][feature]
+    if example_id in ids:
+      return
+    ids.add(example_id)
+    n = sum(len(v) for v in _TRUNCATED[task].values())
+  if n <= _MAX_WARNINGS_PER_DATASET:
+    logging.warning('[%s] example %s: %s truncated: %d tokens, room for %d before EOS '
+                    '(truncate=%r)', task, example_id, feature, length, limit, _CONFIG.truncate)
+  elif n == _MAX_WARNINGS_PER_DATASET + 1:
+    logging.warning('[%s] more truncated examples; further warnings suppressed (see '
+                    'adalink_jax.data.truncations())', task)
+
+
+def truncations() -> dict[str, dict[str, int]]:
+  """Distinct truncated examples so far: ``{task: {'inputs': n, 'targets': m}}``."""
+  with _TRUNC_LOCK:
+    counts = {t: {f: len(c.get(f, ())) for f in ('inputs', 'targets')}
+              for t, c in sorted(_TRUNCATED.items())}
+  return {t: c for t, c in counts.items() if sum(c.values())}
+
+
+def reset_truncations() -> None:
+  """Clears the truncation counters."""
+  with _TRUNC_LOCK:
+    _TRUNCATED.clear()
+
+
+def truncations_report() -> str:
+  """One line per task: how many examples had their inputs / targets truncated."""
+  return '\n'.join(f'{t}: {c["inputs"]} example(s) with truncated inputs, {c["targets"]} '
+                   'with truncated targets' for t, c in truncations().items())
+
+
+def data_report() -> dict:
+  """What the input pipeline dropped or cut so far, for ``result.json``.
+
+  ``{'truncated': {task: {'inputs': n, 'targets': m}}, 'skipped_images': {dataset: files}}``.
+  """
+  return {'truncated': truncations(), 'skipped_images': skipped_images()}
+
+
 @atexit.register
-def _report_skips_at_exit() -> None:
+def _report_at_exit() -> None:
   report = skipped_images_report()
   if report:
     logging.warning('adalink_jax.data: examples skipped for unreadable images:\n%s', report)
+  report = truncations_report()
+  if report:
+    logging.warning('adalink_jax.data: examples truncated to the sequence lengths:\n%s', report)
 
 
 def _decode_py(source: tf.Tensor, key: tf.Tensor, dataset: tf.Tensor, is_path: tf.Tensor):

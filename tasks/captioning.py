@@ -86,12 +86,13 @@ def register(style: str) -> None:
       ('textcaps', common.JsonImageSource('textcaps', textcaps_records,
                                           splits=tuple(TEXTCAPS_FILES))),
   ):
+    name = common.task_name(bench, style)
     common.add_task(
-        common.task_name(bench, style),
+        name,
         source=source,
         preprocessors=[functools.partial(common.decode_images, dataset_name=bench),
                        seqio.CacheDatasetPlaceholder(required=False),
-                       *common.text_chain(prompts.image_templates(bench, style),
+                       *common.text_chain(name, prompts.image_templates(bench, style),
                                           common.TASK_IDS[bench])],
         output_features=feats,
         postprocess_fn=common.references_postprocessor,

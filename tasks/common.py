@@ -317,8 +317,132 @@ def format_prompts(dataset: tf.data.Dataset, *, templates: Sequence[str],
 def tokenize_text(dataset: tf.data.Dataset,
                   output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
   """seqio tokenization restricted to the string features (inputs, targets)."""
-  text = {k: v for k, v in output_features.items() if v.dtype == tf.int32 and v.rank == 1}
-  return seqio.preprocessors.tokenize(dataset, text, copy_pretokenized=True)
+  feats = _token_features(output_features)
+  for feat in feats.values():
+    # Read the model here: inside the traced map function a VocabularyNotFoundError would
+    # arrive wrapped in autograph's multi-line StagingError.
+    getattr(feat.vocabulary, 'load_model', lambda: None)()
+  return seqio.preprocessors.tokenize(dataset, feats, copy_pretokenized=True)
+
+
+def _token_features(output_features: Mapping[str, seqio.Feature]) -> dict[str, seqio.Feature]:
+  return {k: v for k, v in output_features.items() if v.dtype == tf.int32 and v.rank == 1}
+
+
+def prompt_prefix(template: str) -> str:
+  """The task prompt's leading words: the literal text before the first ``{field}``.
+
+  'answer en {question}' -> 'answer en'; 'caption en' -> 'caption en' (no field: all of it).
+  """
+  for literal, field, _, _ in string.Formatter().parse(template):
+    return literal.strip() if field is not None else template.strip()
+  return ''
+
+
+def _example_id(ex: Mapping[str, tf.Tensor]) -> tf.Tensor:
+  """The example's id as a string (``id`` of image tasks, TFDS ``idx`` of GLUE, else '?'),
+  marked ' (train)' on the training split (ids repeat across GLUE's splits)."""
+  if 'id' in ex:
+    ident = ex['id']
+  elif 'idx' in ex:
+    ident = tf.strings.as_string(ex['idx'])
+  else:
+    ident = tf.constant('?')
+  if 'is_training' in ex:
+    ident = tf.strings.join([ident, tf.where(ex['is_training'], ' (train)', '')])
+  return ident
+
+
+_LENGTH_SETTINGS = {'inputs': 'config.data.text_len', 'targets': 'config.data.target_len'}
+
+
+def word_starts(vocab: seqio.SentencePieceVocabulary) -> np.ndarray:
+  """``bool [vocab_size]``: whether each id begins a word (SentencePiece's '▁' mark; control,
+  byte and extra ids count as word starts)."""
+  sp = vocab.tokenizer
+  base = sp.get_piece_size()
+  out = np.ones(vocab.vocab_size, bool)
+  out[:base] = [sp.id_to_piece(i).startswith('\u2581') or sp.is_control(i) or sp.is_byte(i)
+                for i in range(base)]
+  return out
+
+
+def _cut(tokens: tf.Tensor, budget: int, head: Optional[tf.Tensor],
+         starts: Optional[tf.Tensor]) -> tf.Tensor:
+  """``[n] -> [<= budget]`` (n > budget): the first ``head`` tokens and the last ``budget - head``
+  from the first word start on (no half word after the prompt); ``head=None``: the first
+  ``budget`` tokens."""
+  if head is None:
+    return tokens[:budget]
+  head = tf.minimum(head, budget)
+  tail = tokens[tf.size(tokens) - (budget - head):]
+  is_start = tf.gather(starts, tail)
+  skip = tf.where(tf.reduce_any(is_start), tf.argmax(tf.cast(is_start, tf.int32)),
+                  tf.constant(0, tf.int64))
+  return tf.concat([tokens[:head], tail[tf.cast(skip, tf.int32):]], 0)
+
+
+def _fit_one(tokens, budget: int, head, starts, mode: str, task: str, feature: str, ex_id):
+  """Cuts ``tokens [n]`` to at most ``budget`` and counts (or, mode 'error', refuses) a cut."""
+  def report(kept, n, ident):
+    n, ident = int(n.numpy()), ident.numpy().decode('utf-8', 'replace')
+    if mode == 'error':
+      raise data.TruncationError(
+          f'task {task!r} example {ident}: {feature} has {n} tokens but at most {budget} fit '
+          f'({_LENGTH_SETTINGS.get(feature, feature)} minus EOS) and config.data.truncate='
+          f"'error'; raise {_LENGTH_SETTINGS.get(feature, feature)} or set "
+          "config.data.truncate to 'question_start' or 'end'")
+    data.record_truncation(task, feature, ident, n, budget)
+    return kept
+
+  def over():
+    kept = tf.py_function(report, [_cut(tokens, budget, head, starts), tf.size(tokens), ex_id],
+                          Tout=tf.int32)
+    kept.set_shape([None])
+    return kept
+  return tf.cond(tf.size(tokens) > budget, over, lambda: tokens)
+
+
+def fit_to_length(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
+                  sequence_length: Optional[Mapping[str, int]] = None, *, task: str,
+                  templates: Sequence[str]) -> tf.data.Dataset:
+  """Fits the token features to ``sequence_length`` (room kept for EOS), then appends EOS.
+
+  Replaces seqio's ``append_eos_after_trim`` (which silently keeps the head). The mode is
+  ``data.config().truncate``, read when the pipeline is built: 'question_start' keeps the
+  inputs' prompt prefix (:func:`prompt_prefix` of the example's template, by
+  ``prompt_index``) and the end of the rest from a word start on (so the kept inputs may be
+  a few tokens shorter than the limit), 'end' keeps the head, 'error' raises
+  :class:`data.TruncationError`. Targets keep their head unless 'error'. Every cut is
+  counted (``data.truncations()``) under ``task``.
+  """
+  mode = data.config().truncate
+  feats = _token_features(output_features)
+  heads = starts = None
+  if mode == 'question_start' and 'inputs' in feats and sequence_length:
+    # Encoding the prefix alone gives its token count in the full prompt: SentencePiece pieces
+    # never span whitespace. Computed here, not at registration, so the vocabulary is only
+    # read when a dataset is built.
+    vocab = feats['inputs'].vocabulary
+    heads = tf.constant([len(vocab.encode(prompt_prefix(t))) for t in templates], tf.int32)
+    starts = tf.constant(word_starts(vocab))
+
+  def fn(ex):
+    ex = dict(ex)
+    for key, feat in feats.items():
+      tokens = ex[key]
+      limit = (sequence_length or {}).get(key)
+      if limit is not None:
+        budget = int(limit) - int(feat.add_eos)
+        head = (tf.gather(heads, ex['prompt_index'])
+                if heads is not None and key == 'inputs' else None)
+        tokens = _fit_one(tokens, budget, head, starts, mode, task, key, _example_id(ex))
+      if feat.add_eos:
+        tokens = tf.concat([tokens, [feat.vocabulary.eos_id]], 0)
+      ex[key] = tokens
+    return ex
+
+  return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def add_task_id(dataset: tf.data.Dataset, task_id_value: int) -> tf.data.Dataset:
@@ -327,12 +451,15 @@ def add_task_id(dataset: tf.data.Dataset, task_id_value: int) -> tf.data.Dataset
   return dataset.map(lambda ex: {**ex, 'task_id': tid}, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def text_chain(templates: Sequence[str], tid: int, target_field: str = 'target') -> list:
-  """Prompting, tokenization, EOS and task id: the tail of every task's preprocessors."""
+def text_chain(task: str, templates: Sequence[str], tid: int,
+               target_field: str = 'target') -> list:
+  """Prompting, tokenization, fitting to length + EOS and the task id: the tail of every task's
+  preprocessors (``task``: its registered name, under which truncations are counted)."""
+  templates = tuple(templates)
   return [
-      functools.partial(format_prompts, templates=tuple(templates), target_field=target_field),
+      functools.partial(format_prompts, templates=templates, target_field=target_field),
       tokenize_text,
-      seqio.preprocessors.append_eos_after_trim,
+      functools.partial(fit_to_length, task=task, templates=templates),
       functools.partial(add_task_id, task_id_value=tid),
   ]
 

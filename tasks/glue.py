@@ -107,11 +107,12 @@ def register(style: str) -> None:
     source = common.TrainingFlagTfdsSource(
         f'glue/{config}:{GLUE_VERSION}', splits, hint_key='glue',
         map_fn=functools.partial(_label_to_target, name=name))
+    task = common.task_name(f'glue_{name}', style)
     common.add_task(
-        common.task_name(f'glue_{name}', style),
+        task,
         source=source,
         preprocessors=[seqio.CacheDatasetPlaceholder(required=False),
-                       *common.text_chain(prompts.glue_templates(name, style),
+                       *common.text_chain(task, prompts.glue_templates(name, style),
                                           common.task_id(f'glue_{name}'))],
         output_features=feats,
         postprocess_fn=postprocess,

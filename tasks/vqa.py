@@ -136,12 +136,13 @@ def register(style: str) -> None:
   feats = common.image_output_features()
   metric_fns = {'vqa_accuracy': metrics.seqio_vqa_accuracy, 'anls': metrics.seqio_anls}
   for bench, (records_fn, splits, metric) in VQA_DATASETS.items():
+    name = common.task_name(bench, style)
     common.add_task(
-        common.task_name(bench, style),
+        name,
         source=common.JsonImageSource(bench, records_fn, splits=splits),
         preprocessors=[functools.partial(common.decode_images, dataset_name=bench),
                        seqio.CacheDatasetPlaceholder(required=False),
-                       *common.text_chain(prompts.image_templates(bench, style),
+                       *common.text_chain(name, prompts.image_templates(bench, style),
                                           common.TASK_IDS[bench])],
         output_features=feats,
         postprocess_fn=common.references_postprocessor,
