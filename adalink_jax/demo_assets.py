@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from adalink_jax import demo
+from adalink_jax import preemption
 from adalink_jax import trainer
 from adalink_jax.checkpoints import backbone as backbone_lib
 
@@ -30,8 +31,8 @@ def ensure(config: Any, pretrain_config: Any) -> str:
   t0 = time.time()
   result, params = trainer.train_and_return_params(pre, os.path.join(assets, 'pretrain_run'))
   if result.get('preempted_at') is not None:
-    raise SystemExit('demo: backbone pre-training was interrupted (SIGTERM); run the same '
-                     'command again to resume it')
+    raise preemption.Preempted('demo: backbone pre-training was interrupted (SIGTERM); run '
+                               'the same command again to resume it')
   backbone_lib.save_native(out, params, {
       'family': pre.model.family, 'name': pre.model.name, 'made_by': 'adalink_jax.demo_assets',
       'pretrain_steps': int(pre.total_steps), 'final_loss': result.get('final_loss')})

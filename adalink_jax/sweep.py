@@ -5,7 +5,8 @@
   python -m adalink_jax.sweep --config=configs/coco_mmit.py --out=S --mode=print --eval_tasks=a,b
 
 ``print`` writes one command per line for a batch system; ``run`` runs them one after another
-(a point whose ``result.json`` exists is skipped, so an interrupted sweep resumes); both end by
+(a point that finished is skipped -- a preempted one is resumed -- so an interrupted
+sweep resumes); both end by
 ``collect``: ``results.csv``, ``results.md`` and ``results.png`` (metric against trainable
 parameters, one line per method) from every point's ``result.json``. With ``--eval_tasks`` the
 grid is points x tasks and the commands are ``adalink_jax.evaluate`` runs over the trained points.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import shlex
@@ -22,11 +22,11 @@ import subprocess
 import sys
 from typing import Any
 
+from adalink_jax import cli
+
 
 def _load_config_module(path: str):
-  spec = importlib.util.spec_from_file_location('_sweep_config', path.split(':')[0])
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = cli.load_config_module(path)
   if not hasattr(module, 'sweep'):
     raise SystemExit(f'{path} has no sweep(add) function')
   return module
@@ -61,21 +61,45 @@ def commands(config_path: str, out: str, extra: list[str], eval_tasks: list[str]
   return cmds
 
 
+def _finished_result(workdir: str) -> dict | None:
+  """The point's result.json if its run finished (not preempted, not failed), else None."""
+  path = os.path.join(workdir, 'result.json')
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    r = json.load(f)
+  return r if r.get('finished') and r.get('preempted_at') is None else None
+
+
+def _done(cmd: list[str]) -> bool:
+  """A train point is done when it finished; an evaluate point when it wrote its metrics."""
+  workdir = next(a.split('=', 1)[1] for a in cmd if a.startswith(('--workdir=', '--out=')))
+  if '--workdir=' + workdir in cmd:
+    return _finished_result(workdir) is not None
+  return os.path.isdir(os.path.join(workdir, 'eval')) and any(
+      n.startswith('metrics_') for n in os.listdir(os.path.join(workdir, 'eval')))
+
+
 def collect(out: str) -> list[dict[str, Any]]:
-  """Reads every point's result.json -> rows; writes results.csv, results.md, results.png."""
-  rows = []
+  """Reads every finished point's result.json -> rows; writes results.csv, .md and .png.
+
+  Points that have not finished (running, preempted, failed) are left out and named."""
+  rows, unfinished = [], []
   for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-    path = os.path.join(out, name, 'result.json')
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(out, name, 'result.json')):
       continue
-    with open(path, encoding='utf-8') as f:
-      r = json.load(f)
+    r = _finished_result(os.path.join(out, name))
+    if r is None:
+      unfinished.append(name)
+      continue
     over = dict(kv.split('=', 1) for kv in name.split(',') if '=' in kv)
     row = {'point': name, 'method': over.get('peft.method', ''),
            'rank': over.get('peft.rank', ''), 'trainable_params': r.get('trainable_params'),
            'final_loss': r.get('final_loss'), 'step': r.get('step')}
     row.update({f'eval_{k}': v for k, v in (r.get('eval') or {}).items()})
     rows.append(row)
+  if unfinished:
+    print(f'not finished, left out of the table: {", ".join(unfinished)}', file=sys.stderr)
   if not rows:
     return rows
   keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -125,8 +149,7 @@ def main(argv=None) -> int:
     for cmd in commands(args.config, args.out, extra, tasks):
       print(shlex.join(cmd), flush=True)
       if args.mode == 'run':
-        workdir = next(a.split('=', 1)[1] for a in cmd if a.startswith(('--workdir=', '--out=')))
-        if os.path.exists(os.path.join(workdir, 'result.json')):
+        if _done(cmd):
           continue  # finished earlier
         rc = subprocess.call(cmd)
         if rc:

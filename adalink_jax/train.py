@@ -7,7 +7,6 @@ calls ``jax.distributed.initialize()`` first (TPU pods, SLURM, or the ``--coordi
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -15,6 +14,9 @@ import sys
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from adalink_jax import cli
+from adalink_jax import preemption
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'experiment config file (configs/*.py)',
@@ -38,18 +40,19 @@ def init_distributed():
     jax.distributed.initialize()
 
 
-def _pretrain_config_for_demo(config):
-  """The demo config file's ``pretrain_config(config)``: how its frozen backbone is made."""
-  path = FLAGS['config'].config_filename.split(':')[0]
-  spec = importlib.util.spec_from_file_location('_demo_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.pretrain_config(config)
-
-
 def main(argv):
+  with preemption.PREEMPTION:  # before any work: SIGTERM during start-up is a clean stop too
+    try:
+      return _main(argv)
+    except preemption.Preempted as e:
+      print(f'stopped: {e}', flush=True)
+      return 0
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from adalink_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from adalink_jax import logs  # pylint: disable=g-import-not-at-top
   logs.setup_logging()
   if FLAGS.multihost:
@@ -64,11 +67,13 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError('--workdir=DIR is required (checkpoints, logs and results go there)')
   from adalink_jax import trainer  # pylint: disable=g-import-not-at-top
-  if config.data.kind == 'demo' and config.data.mode == 'vqa' and not config.init.native:
-    from adalink_jax import demo_assets  # pylint: disable=g-import-not-at-top
-    with config.unlocked():
-      config.init.native = demo_assets.ensure(config, _pretrain_config_for_demo(config))
-  result = trainer.train(config, FLAGS.workdir)
+  from adalink_jax import workdir  # pylint: disable=g-import-not-at-top
+  try:
+    cli.resolve_demo_backbone(config, FLAGS['config'].config_filename)
+    result = trainer.train(config, FLAGS.workdir)
+  except (workdir.WorkdirError, checkpointing.CheckpointMismatchError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 1
   summary = {k: v for k, v in result.items() if k in ('eval_at_start', 'eval', 'step',
                                                      'final_loss', 'preempted_at')}
   print(f'done: {summary}\nresults in {os.path.abspath(FLAGS.workdir)}', flush=True)
@@ -77,4 +82,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

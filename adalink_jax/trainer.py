@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import signal
 from typing import Any
 
 import flax.linen as nn
@@ -29,33 +28,19 @@ from adalink_jax import logs
 from adalink_jax import model_builder
 from adalink_jax import optim
 from adalink_jax import partitioning
+from adalink_jax import preemption
+from adalink_jax import workdir as workdir_lib
 from adalink_jax.checkpoints import backbone as backbone_lib
 from adalink_jax.peft import methods as peft_methods
 from adalink_jax.peft import train as peft_train
 
 log = logging.getLogger(__name__)
 
+RESULT = 'result.json'
+
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps (save, then exit 0)."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = None
-
-  def __enter__(self):
-    self._old = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
-
-  def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._old)
 
 
 def plan_params(config: Any, setup: model_builder.Setup, mesh) -> tuple[Any, Any, dict]:
@@ -87,6 +72,7 @@ class Trainer:
     self.boxed_shapes, self.param_shardings, self._init_batch = plan_params(
         config, self.setup, self.mesh)
     self.tx, self.schedule = optim.make_optimizer(dict(config.optimizer))
+    self._predict = None
 
   # ---------------------------------------------------------------- parameters
 
@@ -140,17 +126,16 @@ class Trainer:
 
   # ---------------------------------------------------------------- eval
 
-  def evaluate(self, trainable: dict, frozen: dict, step: int, write: bool = True) -> dict:
-    """Decodes the eval split, computes the task metric, writes predictions and metrics."""
-    cfg = self.config.eval
-    params = peft_methods.merge(trainable, frozen)
-    dec = dict(cfg.decoding)
+  def _predictor(self):
+    """The jitted decode of one batch, built once per Trainer (so compiled once per run)."""
+    if self._predict is not None:
+      return self._predict
+    dec = dict(self.config.eval.decoding)
     method = dec.pop('method', 'greedy')
     max_len = int(dec.pop('max_decode_len', self.config.data.target_len))
     eos, start = self.setup.t5_config.eos_id, self.setup.t5_config.decoder_start_id
-    model = self.setup.model
+    model, seed = self.setup.model, self.config.seed
 
-    @jax.jit
     def predict(params, batch):
       encoded, mask = self.setup.encode(params, batch)
       task_id = batch.get('task_id')
@@ -159,26 +144,59 @@ class Trainer:
                                     start_id=start, task_id=task_id, **dec).sequences
       if method == 'sample':
         return decoding.sample_decode(model, params, encoded, mask, max_len,
-                                      jax.random.key(self.config.seed), eos_id=eos,
-                                      start_id=start, task_id=task_id, **dec)
+                                      jax.random.key(seed), eos_id=eos, start_id=start,
+                                      task_id=task_id, **dec)
       return decoding.greedy_decode(model, params, encoded, mask, max_len, eos_id=eos,
                                     start_id=start, task_id=task_id)
+    self._predict = jax.jit(predict, out_shardings=partitioning.batch_sharding(self.mesh, 2))
+    return self._predict
 
-    predictions, references, prompts = [], [], []
+  def _padding_batch(self, like: dict | None) -> dict:
+    """An all-invalid eval batch, for a host whose shard of the eval set ran out first."""
+    if like is None:  # this host had no eval example at all
+      n = input_pipeline.local_batch_size(int(self.config.batch_size))
+      keys = [k for k in _ENCODE_KEYS if k in self._init_batch
+              and (k != 'task_id' or 'image' in self._init_batch)]
+      like = {k: np.zeros((n,) + self._init_batch[k].shape[1:], self._init_batch[k].dtype)
+              for k in keys}
+    n = len(next(iter(like.values())))
+    pad = {k: np.zeros_like(v) for k, v in like.items()}
+    return dict(pad, valid=np.zeros((n,), bool), answers=[[]] * n, prompts=[''] * n)
+
+  def _eval_rows(self, params: dict) -> tuple[list, list, list]:
+    """(predictions, references, prompts) of the eval split, valid rows, every host's.
+
+    Every host runs the same number of batches -- a host whose shard ran out feeds padding,
+    masked out of the metric -- so the collectives inside ``predict`` cannot hang; the decoded
+    strings are gathered once at the end.
+    """
+    predict = self._predictor()
+    spec = partitioning.batch_sharding(self.mesh, 2).spec
+    batches = iter(self.source.eval_batches(int(self.config.eval.num_batches)))
+    rows, template = [], None
+    while True:
+      local = next(batches, None)
+      if not preemption.any_process(local is not None):
+        break
+      if local is None:
+        local = self._padding_batch(template)
+      model_inputs = {k: v for k, v in local.items() if k in _ENCODE_KEYS}
+      template = template or model_inputs
+      n = len(local['answers'])
+      valid = local.get('valid', np.ones((n,), bool))
+      tokens = predict(params, self.to_global(model_inputs))
+      tokens = np.asarray(multihost_utils.global_array_to_host_local_array(tokens, self.mesh, spec))
+      prompts = local.get('prompts', [''] * n)
+      rows += [(self.source.decode_text(tokens[i]), local['answers'][i], prompts[i])
+               for i in range(n) if valid[i]]
+    rows = input_pipeline.gather_strings(rows)
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+  def evaluate(self, trainable: dict, frozen: dict, step: int, write: bool = True) -> dict:
+    """Decodes the eval split, computes the task metric, writes predictions and metrics."""
     with self.mesh:
-      for local in self.source.eval_batches(int(cfg.num_batches)):
-        n = len(local['answers'])
-        valid = local.pop('valid', np.ones((n,), bool))
-        tokens = predict(params, self.to_global(local))
-        tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
-        valid = input_pipeline.gather_strings([bool(v) for v in valid])
-        refs = input_pipeline.gather_strings(local['answers'])
-        prm = input_pipeline.gather_strings(local.get('prompts', [''] * n))
-        keep = [i for i, v in enumerate(valid) if v]  # drop the padding of a last batch
-        predictions += [self.source.decode_text(tokens[i]) for i in keep]
-        references += [refs[i] for i in keep]
-        prompts += [prm[i] for i in keep]
-    metrics = input_pipeline.compute_metrics(cfg.metric, predictions, references)
+      predictions, references, prompts = self._eval_rows(peft_methods.merge(trainable, frozen))
+    metrics = input_pipeline.compute_metrics(self.config.eval.metric, predictions, references)
     if write and jax.process_index() == 0:
       out = os.path.join(self.workdir, 'eval')
       os.makedirs(out, exist_ok=True)
@@ -186,29 +204,57 @@ class Trainer:
         for p, r, q in zip(predictions, references, prompts):
           f.write(json.dumps({'prompt': q, 'prediction': p, 'references': r}) + '\n')
       with open(os.path.join(out, f'metrics_{step}.json'), 'w', encoding='utf-8') as f:
-        json.dump({'step': step, **metrics}, f, indent=1)
+        json.dump({'step': step, 'num_examples': len(predictions), **metrics}, f, indent=1)
     return metrics
 
 
+_ENCODE_KEYS = ('encoder_input_tokens', 'image', 'task_id')
+
+
 def restore_trainable(trainer: Trainer, trainable: dict, checkpoint: str) -> tuple[int, dict, dict]:
-  """Trainable params from a run's workdir (newest good step) -> (step, trainable, meta)."""
+  """Trainable params from a run's workdir (newest step) -> (step, trainable, meta).
+
+  Reads the trainable parameters alone: no optimizer state is allocated or read.
+  """
   directory = os.path.join(checkpoint, 'checkpoints')
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no checkpoints/ in {checkpoint!r}: pass the --workdir of a '
                             'training run (python -m adalink_jax.train ... --workdir=DIR)')
   ckpt = checkpointing.TrainCheckpointer(directory)
-  restored = ckpt.restore_latest(checkpointing.abstract_like(
-      {'trainable': trainable, 'opt_state': trainer.init_opt_state(trainable)}))
-  ckpt.close()
+  try:
+    restored = ckpt.restore_subtree('trainable', checkpointing.abstract_like(trainable))
+  finally:
+    ckpt.close()
   if restored is None:
-    raise FileNotFoundError(f'{directory} holds no readable checkpoint')
-  step, state, meta = restored
-  return step, state['trainable'], meta
+    raise FileNotFoundError(f'{directory} holds no checkpoint')
+  return restored
 
 
 def _checkpoint_meta(config, backbone: dict, step: int) -> dict:
   return {'step': step, 'backbone': backbone, 'peft': dict(config.get('peft') or {}),
           'model': {'family': config.model.family, 'name': config.model.name}}
+
+
+def _all_finite(tree: Any) -> bool:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(
+      leaves)) if leaves else True
+
+
+def _read_result(workdir: str) -> dict:
+  path = os.path.join(workdir, RESULT)
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def _write_result(workdir: str, result: dict):
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, RESULT)
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=1)
+    os.replace(path + '.tmp', path)
 
 
 def train(config: Any, workdir: str) -> dict:
@@ -217,8 +263,23 @@ def train(config: Any, workdir: str) -> dict:
 
 
 def train_and_return_params(config: Any, workdir: str) -> tuple[dict, dict]:
-  """Like :func:`train`, and also returns the final parameters (trainable and frozen merged)."""
-  os.makedirs(workdir, exist_ok=True)
+  """Like :func:`train`, and also returns the final parameters (trainable and frozen merged).
+
+  Holds the workdir's lock and refuses a workdir of another experiment (:mod:`workdir`).
+  """
+  with preemption.PREEMPTION:
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lib.Lock(workdir):
+      workdir_lib.check_config(workdir, config)
+      return _train(config, workdir, preemption.PREEMPTION)
+
+
+def _train(config: Any, workdir: str, preempt: preemption.Preemption) -> tuple[dict, dict]:
+  every = int(config.get('preempt_check_every', 10))
+
+  def stop_now(step):
+    return preempt.agreed(step, 1)  # start-up phases: every process is at the same point
+
   trainer = Trainer(config, workdir)
   trainable, frozen = trainer.init_params()
   backbone = backbone_lib.describe(config.init, frozen)
@@ -235,53 +296,81 @@ def train_and_return_params(config: Any, workdir: str) -> tuple[dict, dict]:
       {'trainable': trainable, 'opt_state': opt_state}))
   if restored is not None:
     start, state, meta = restored
-    backbone_lib.check_same(meta.get('backbone', {}), backbone)
+    backbone_lib.check_same(meta.get('backbone', {}), backbone, frozen)
     trainable, opt_state = state['trainable'], state['opt_state']
     log.info('resumed from step %d in %s', start, ckpt.directory)
+  workdir_lib.record_config(workdir, config)
 
   total = int(config.total_steps)
+  previous = _read_result(workdir)
+  result: dict = {k: v for k, v in previous.items() if k in ('eval_at_start', 'eval')}
+  result.update(trainable_params=counts['trainable'], frozen_params=counts['frozen'])
+  if start >= total and previous.get('finished'):
+    ckpt.close()
+    log.info('this run finished at step %d; its results are in %s (raise config.total_steps '
+             'to train longer)', start, os.path.join(workdir, RESULT))
+    return previous, peft_methods.merge(trainable, frozen)
+  if stop_now(start):
+    ckpt.close()
+    raise preemption.Preempted(f'SIGTERM during start-up, before step {start + 1}: nothing '
+                               'new to save; run the same command again to continue')
+
   writer = logs.MetricWriter(workdir, total, start)
   step_fn = trainer.make_train_step()
-  result: dict = {'trainable_params': counts['trainable'], 'frozen_params': counts['frozen']}
   if config.eval.get('at_start', False) and start == 0:
     result['eval_at_start'] = trainer.evaluate(trainable, frozen, 0)
     writer.write(0, result['eval_at_start'], kind='eval')
     log.info('eval before training (frozen model + zero-initialised adapters): %s',
              result['eval_at_start'])
+    if stop_now(start):
+      writer.close()
+      ckpt.close()
+      raise preemption.Preempted('SIGTERM during the initial eval: nothing to save yet; run '
+                                 'the same command again to start')
 
   batches = trainer.source.train_batches(start)
   step = start
-  last_good = start
-  with _Preemption() as preempt, trainer.mesh:
+  last_good = start if start else None
+  metrics, warned_zero_grad = None, False
+  with trainer.mesh:
     while step < total:
       batch = trainer.to_global(next(batches))
       trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch,
                                               jnp.asarray(step, jnp.int32))
       step += 1
-      # One read of the flag per step: the save and the exit below must agree on it.
-      stop = preempt.requested
+      # One agreed read of the flag per step: the save and the exit below must agree on it.
+      stop = preempt.agreed(step, every)
       is_log = step % int(config.log_every) == 0 or step == total
       is_ckpt = step % int(config.checkpoint_every) == 0 or step == total or stop
       is_eval = int(config.eval.every) > 0 and (step % int(config.eval.every) == 0 or step == total)
       if is_log or is_ckpt or is_eval:
         loss = float(metrics['loss'])
-        if not math.isfinite(loss):
+        # The loss is the one before this update; the state about to be saved is after it.
+        if not math.isfinite(loss) or not _all_finite((trainable, opt_state)):
           writer.close()
           ckpt.close()
+          kept = (f'the last good checkpoint (step {last_good}) is kept in {ckpt.directory}'
+                  if last_good else 'no checkpoint had been saved yet')
           raise NonFiniteLossError(
-              f'loss became {loss} at step {step}; stopping without saving this state. The last '
-              f'good checkpoint (step {last_good}) is kept in {ckpt.directory}; lower '
-              f'optimizer.learning_rate, add optimizer.grad_clip_norm or check the data.')
+              f'training became non-finite at step {step} (loss {loss}); stopping without '
+              f'saving this state: {kept}. Lower optimizer.learning_rate, add '
+              'optimizer.grad_clip_norm or check the data.')
       if is_log:
         scalars = {k: float(v) for k, v in metrics.items()}
         scalars['steps_per_second'] = writer.steps_per_second(step)
         writer.write(step, scalars)
         writer.progress(step, loss=scalars['loss'], lr=scalars['learning_rate'],
                         steps_per_s=scalars['steps_per_second'])
+        if scalars.get('grad_norm') == 0.0 and not warned_zero_grad:
+          warned_zero_grad = True
+          log.warning('the gradient is exactly zero at step %d: the trainable parameters are '
+                      'not learning (saturated activations, a learning rate far too large, or '
+                      'all loss weights zero?)', step)
       eval_metrics = None
       if is_eval:
         eval_metrics = trainer.evaluate(trainable, frozen, step)
         writer.write(step, eval_metrics, kind='eval')
+        _warn_if_collapsed(result.get('eval') or result.get('eval_at_start'), eval_metrics, step)
         result['eval'] = eval_metrics
         log.info('eval at step %d: %s', step, eval_metrics)
       if is_ckpt:
@@ -293,14 +382,25 @@ def train_and_return_params(config: Any, workdir: str) -> tuple[dict, dict]:
           raise RuntimeError(f'checkpoint at step {step} was not written to {ckpt.directory}')
         last_good = step
       if stop:
-        log.warning('SIGTERM received: saved step %d, exiting', step)
+        log.warning('SIGTERM: every process saved step %d; exiting', step)
         result['preempted_at'] = step
         break
   ckpt.wait()
   ckpt.close()
   writer.close()
-  result.update(step=step, final_loss=float(metrics['loss']) if step > start else None)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'result.json'), 'w', encoding='utf-8') as f:
-      json.dump(result, f, indent=1)
+  result.update(step=step, finished=step >= total and 'preempted_at' not in result,
+                final_loss=float(metrics['loss']) if metrics is not None else
+                previous.get('final_loss'))
+  report = getattr(trainer.source, 'report', None)
+  if report is not None:
+    result['data'] = report()
+  _write_result(workdir, result)
   return result, peft_methods.merge(trainable, frozen)
+
+
+def _warn_if_collapsed(before: dict | None, after: dict, step: int):
+  """A metric that fell from a positive value to zero is worth a warning, not silence."""
+  for k, v in after.items():
+    if before and (before.get(k) or 0) > 0 and v == 0:
+      log.warning('eval %s collapsed from %.4g to 0 at step %d: check the learning rate and '
+                  'the predictions in eval/', k, before[k], step)

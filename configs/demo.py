@@ -45,6 +45,8 @@ def get_config(arg=None):
   c.checkpoint_every = 100
   c.keep_checkpoints = 2
   c.best_metric = ''
+  c.preempt_check_every = 10   # steps between the hosts' agreement on a SIGTERM
+  c.restart = False           # True: move an existing run in the workdir aside, start again
   c.eval = ml_collections.ConfigDict(dict(
       every=200, num_batches=8, metric='vqa_accuracy', at_start=True,
       decoding=dict(method='greedy', max_decode_len=6)))

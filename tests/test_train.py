@@ -176,7 +176,8 @@ def test_nan_loss_stops_with_clear_message(assets, tmp_path):
   c = tiny_config(assets, **{'peft.method': 'ft', 'optimizer.name': 'sgd',
                              'optimizer.learning_rate': 1e30, 'optimizer.grad_clip_norm': 0.0,
                              'optimizer.schedule': 'constant', 'optimizer.warmup_steps': 0})
-  with pytest.raises(trainer.NonFiniteLossError, match='last good checkpoint'):
+  # A fresh run has no good checkpoint: the message must not claim one (issue: it said step 0).
+  with pytest.raises(trainer.NonFiniteLossError, match='no checkpoint had been saved yet'):
     trainer.train(c, str(tmp_path))
   saved = [int(p) for p in os.listdir(tmp_path / 'checkpoints') if p.isdigit()]
   assert all(np.isfinite(v).all() for v in final_trainable(tmp_path)[1].values()) if saved else True
