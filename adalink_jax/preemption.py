@@ -2,7 +2,9 @@
 
 A TPU/GPU job is told to stop with SIGTERM, on one host or on all at slightly different
 times. The train loop reads :meth:`Preemption.agreed` between steps: every process gets the
-same answer at the same step, so all save that step and exit 0 together. The handler is
+same answer at the same step, so all save that step and exit 0 together. On several
+processes that answer comes from JAX's preemption service (which takes over SIGTERM when
+``jax.distributed`` starts), and from an all-reduce of this module's flag every N steps. The handler is
 installed before any work (the CLI enters :data:`PREEMPTION` first), so a SIGTERM during
 start-up is a clean stop too, not a death by signal.
 """
@@ -60,6 +62,13 @@ class Preemption:
     import jax  # pylint: disable=g-import-not-at-top
     if jax.process_count() == 1:
       return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    # Once jax.distributed is up, JAX's preemption service owns SIGTERM (and, on Cloud TPU,
+    # the maintenance notices): it picks the first step every host can still reach. It must
+    # be asked at every step.
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.requested = True
+      return True
     if step % max(every, 1):
       return False
     return any_process(self.requested)

@@ -1,9 +1,20 @@
 """Batches from registered seqio Tasks / Mixtures (``config.data.kind = 'seqio'``).
 
-Each process reads its own shard (``seqio.ShardInfo(process_index, process_count)``). The
-training stream is shuffled with ``config.seed`` and repeated, so batch ``k`` is a fixed
-function of the config and resuming at step ``s`` skips ``s`` batches: the data order of a
-resumed run is the data order of an uninterrupted one.
+Each process reads its own shard (``seqio.ShardInfo(process_index, process_count)``).
+
+Training is index-addressable: batch ``k`` is a fixed function of the config and ``k``, and
+``train_batches(k)`` computes it without producing batches ``0..k-1`` (T5X checkpoints the
+tf.data iterator instead; here the position *is* the step). The examples form one endless
+*stream*: position ``p`` of a task is record ``p % n`` of its seeded epoch ``p // n``
+(``tasks.common.JsonImageSource.stream``), with its own prompt seed; a Mixture deals positions
+to its tasks in blocks of :data:`MIXTURE_BLOCK` by rate, in a seeded order per block, so each
+task's position follows in closed form (:func:`mixture_schedule`). Batch ``k`` is the first
+``B`` (local batch) examples with readable images from position ``k * B`` on: an unreadable
+image's slot is filled by the next readable example (which the next batch also sees), so
+resume and an uninterrupted run agree bit for bit. Cost of starting at ``k``: one epoch
+permutation per task and at most one mixture block, not ``k`` batches. Not O(1): TFDS tasks
+(COCO Captions, GLUE) skip ``k * B`` *records* before decoding (``TrainingFlagTfdsSource.stream``)
+and packed batches (``config.data.pack``) skip ``k`` batches (:meth:`SeqioSource.train_batches_by_skip`).
 
 A split that yields no batch at all (e.g. every image unreadable) raises
 :class:`data.NoExamplesError` naming the dataset, the skips and the folder, instead of ending
@@ -11,8 +22,10 @@ the iterator (which the trainer would see as a bare ``StopIteration``).
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -109,6 +122,9 @@ class SeqioSource:
     # Eval keeps one example per row (predictions map to references one to one).
     self.eval_converter = data.PaLIFeatureConverter(
         image_size=int(d.image_size) if multimodal else None, with_task_id=task_ids)
+    # Training streams keep every position and flag unreadable images (see _filled).
+    self.stream_converter = _FlaggedConverter(image_size=self.eval_converter.image_size,
+                                              with_task_id=task_ids)
     self.local_batch = input_pipeline.local_batch_size(int(config.batch_size))
     # One process reads everything (seqio's default); several each read their own shard.
     self.shard = (seqio.ShardInfo(jax.process_index(), jax.process_count())
@@ -124,18 +140,108 @@ class SeqioSource:
                        f'config.model.t5.vocab_size={model_vocab}: ids beyond the embedding '
                        'table would be silently clamped; raise config.model.t5.vocab_size')
 
-  def _numpy(self, ds) -> Iterator[dict]:
+  def _numpy(self, ds, keep=()) -> Iterator[dict]:
     for b in _one_line_errors(ds.as_numpy_iterator()):
-      yield {k: v for k, v in b.items() if k in _MODEL_KEYS}
+      yield {k: v for k, v in b.items() if k in _MODEL_KEYS or k in keep}
+
+  @property
+  def train_split(self) -> str:
+    return self.config.data.get('train_split', 'train')
 
   def train_batches(self, start: int = 0) -> Iterator[dict]:
+    """Endless training batches from batch ``start`` on (see the module docstring)."""
+    if not self.index_addressable():
+      return self.train_batches_by_skip(start)
+    return self._filled(self._numpy(self._windows(start), keep=('_ok',)), start)
+
+  def index_addressable(self) -> bool:
+    """Whether :meth:`train_batches` starts at a batch without producing the earlier ones
+    (every training task has a stream source and batches are not packed)."""
+    return not self.converter.pack and all(hasattr(t.source, 'stream')
+                                           for t, _ in self._train_tasks())
+
+  def train_batches_by_skip(self, start: int = 0) -> Iterator[dict]:
+    """seqio's own pipeline (shuffle buffer after preprocessing) with ``skip(start)`` batches:
+    resuming produces, and decodes, every earlier batch. Used for packed batches, whose
+    boundaries depend on every example before them."""
     d = self.config.data
-    ds = self.train_task.get_dataset(self.lengths, split=d.get('train_split', 'train'),
+    ds = self.train_task.get_dataset(self.lengths, split=self.train_split,
                                      shuffle=True, seed=int(self.config.seed), num_epochs=None,
                                      shard_info=self.shard, use_cached=False)
     ds = self.converter(ds, self.lengths).batch(self.local_batch, drop_remainder=True)
     return self._nonempty(self._numpy(ds.skip(start).prefetch(tf.data.AUTOTUNE)),
-                          d.task, d.get('train_split', 'train'))
+                          d.task, self.train_split)
+
+  def _train_tasks(self) -> list[tuple[Any, float]]:
+    """(task, mixing rate) of every training task that has the training split."""
+    task = self.train_task
+    if not isinstance(task, seqio.Mixture):
+      return [(task, 1.0)]
+    pairs = [(t, float(task.get_rate(t))) for t in task.tasks if self.train_split in t.splits]
+    if not pairs:
+      raise ValueError(f'no task of mixture {task.name!r} has a {self.train_split!r} split '
+                       '(config.data.train_split)')
+    return pairs
+
+  def _task_stream(self, task: Any, start: int) -> tf.data.Dataset:
+    """Model examples (plus ``_ok``) of one task from its stream position ``start`` on."""
+    seed = int(self.config.seed)
+    ds = task.source.stream(self.train_split, seed=seed, shard_info=self.shard, start=start)
+    ds = task.preprocess_precache(ds, seed=seed)
+    ds = task.preprocess_postcache(ds, sequence_length=self.lengths, seed=seed)
+    ds = seqio.utils.trim_dataset(ds, self.lengths, task.output_features)
+    return self.stream_converter(ds, self.lengths)
+
+  def _windows(self, start: int) -> tf.data.Dataset:
+    """Batches of ``local_batch`` consecutive stream positions from ``start * local_batch``."""
+    first = start * self.local_batch
+    pairs = self._train_tasks()
+    if len(pairs) == 1:
+      ds = self._task_stream(pairs[0][0], first)
+    else:
+      counts = mixture_counts([r for _, r in pairs])
+      used = np.flatnonzero(counts)  # a task whose rate rounds to no slot is never read
+      choices, offsets = mixture_schedule(int(self.config.seed), counts[used], first)
+      ds = tf.data.Dataset.choose_from_datasets(
+          [self._task_stream(pairs[i][0], int(o)) for i, o in zip(used, offsets)], choices)
+    return ds.batch(self.local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+  def _filled(self, windows: Iterator[dict], start: int) -> Iterator[dict]:
+    """Batch ``k``: the first ``local_batch`` examples with ``_ok`` at positions >= ``k * B``.
+
+    ``windows`` holds positions ``[k * B, (k + 1) * B)`` per item, so a batch without an
+    unreadable image is its window as is; otherwise the next windows fill its slots.
+    """
+    task, size = self.config.data.task, self.local_batch
+    pending: collections.deque = collections.deque()
+    for k in itertools.count(start):
+      picks, got = [], 0
+      while got < size:
+        if len(picks) == len(pending):
+          pending.append(next(windows, None))
+          if pending[-1] is None:
+            raise no_examples_error(task, self.train_split, f'batch of {size} examples')
+        window = pending[len(picks)]
+        rows = np.flatnonzero(window['_ok'])[:size - got]
+        picks.append((window, rows))
+        got += len(rows)
+        if got < size and len(picks) * size > self._scan_limit():
+          raise no_examples_error(task, self.train_split, (
+              f'batch of {size} examples (batch {k}: the {len(picks) * size} examples from '
+              f'stream position {k * size} on have {got} readable images)'))
+      pending.popleft()
+      if len(picks) == 1:
+        yield {n: v for n, v in picks[0][0].items() if n != '_ok'}
+      else:
+        yield {n: np.concatenate([w[n][r] for w, r in picks]) for n in window if n != '_ok'}
+
+  def _scan_limit(self) -> int:
+    """Positions one batch may scan for readable images before the data counts as unreadable:
+    two epochs of every training task (an epoch boundary reshuffles)."""
+    if not hasattr(self, '_limit'):
+      self._limit = 2 * sum(t.source.num_input_examples(self.train_split)
+                            for t, _ in self._train_tasks()) + self.local_batch
+    return self._limit
 
   def _nonempty(self, batches: Iterator[dict], task: str, split: str) -> Iterator[dict]:
     """``batches``, but raising :func:`no_examples_error` if there is not even one."""
@@ -192,6 +298,63 @@ class SeqioSource:
     if 1 in ids:
       ids = ids[:ids.index(1)]
     return self.vocab.decode([t for t in ids if t > 1])
+
+
+class _FlaggedConverter(data.PaLIFeatureConverter):
+  """The training converter, also passing each stream example's ``_ok`` flag (bool [])."""
+
+  def __init__(self, **kwargs):
+    super().__init__(passthrough_features={
+        '_ok': seqio.FeatureConverter.FeatureSpec(dtype=tf.bool, rank=0)}, **kwargs)
+
+  def _full_lengths(self, task_feature_lengths) -> dict:
+    return {**super()._full_lengths(task_feature_lengths), '_ok': None}  # scalar: no length
+
+
+# Mixture positions are dealt in blocks of this many: every task gets its rate's share of each
+# block (largest remainder, so rates hold to 1 / MIXTURE_BLOCK), in a seeded order per block.
+MIXTURE_BLOCK = 10_000
+_MIX_STREAM = 0x6D6978  # 'mix': keeps the block orders apart from the sources' epoch orders
+
+
+def mixture_counts(rates: Sequence[float], block: int = MIXTURE_BLOCK) -> np.ndarray:
+  """``int64 [tasks]``: each task's positions per block, proportional to ``rates``."""
+  r = np.asarray(rates, np.float64)
+  if not len(r) or not np.isfinite(r).all() or (r < 0).any() or r.sum() <= 0:
+    raise ValueError(f'mixture rates must be finite, >= 0 and not all 0; got {list(rates)}')
+  exact = r / r.sum() * block
+  counts = np.floor(exact).astype(np.int64)
+  counts[np.argsort(counts - exact, kind='stable')[:block - int(counts.sum())]] += 1
+  return counts
+
+
+def block_tasks(seed: int, block_index: int, counts: np.ndarray) -> np.ndarray:
+  """``int64 [counts.sum()]``: the task of every position of mixture block ``block_index``."""
+  slots = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+  return np.random.default_rng([int(seed), _MIX_STREAM, int(block_index)]).permutation(slots)
+
+
+def mixture_schedule(seed: int, counts: np.ndarray,
+                     first: int) -> tuple[tf.data.Dataset, np.ndarray]:
+  """(task index of every position from ``first`` on, each task's stream position there).
+
+  Task ``t``'s ``r``-th position in the mixture is its own position ``r``, so at ``first``
+  (block ``b``, offset ``o``) it stands at ``b * counts[t]`` plus its positions among the
+  first ``o`` of block ``b``: one block is computed, however large ``first`` is.
+  """
+  block = int(counts.sum())
+  b0, o0 = divmod(int(first), block)
+  offsets = b0 * counts + np.bincount(block_tasks(seed, b0, counts)[:o0], minlength=len(counts))
+
+  def generate():
+    b, o = b0, o0
+    while True:
+      yield block_tasks(seed, b, counts)[o:]
+      b, o = b + 1, 0
+
+  choices = tf.data.Dataset.from_generator(
+      generate, output_signature=tf.TensorSpec([None], tf.int64)).unbatch()
+  return choices, offsets
 
 
 _MODEL_KEYS = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',

@@ -241,6 +241,15 @@ def _all_finite(tree: Any) -> bool:
       leaves)) if leaves else True
 
 
+def _bytes_held_here(tree: Any) -> tuple[int, int]:
+  """(bytes of ``tree`` whose values this process holds, total bytes): FSDP at work."""
+  here = total = 0
+  for x in jax.tree.leaves(tree):
+    total += x.nbytes
+    here += sum({str(s.index): s.data.nbytes for s in x.addressable_shards}.values())
+  return here, total
+
+
 def _read_result(workdir: str) -> dict:
   path = os.path.join(workdir, RESULT)
   if not os.path.exists(path):
@@ -286,6 +295,9 @@ def _train(config: Any, workdir: str, preempt: preemption.Preemption) -> tuple[d
   counts = peft_methods.param_counts(peft_methods.merge(trainable, frozen), trainer.setup.trainable,
                                      num_tasks=int(config.peft.get('num_tasks', 1)))
   log.info('parameters:\n%s', peft_methods.param_table(counts))
+  here, total_bytes = _bytes_held_here(frozen)
+  log.info('frozen weights: %.2f of %.2f MiB held by process %d (%.0f%%)', here / 2**20,
+           total_bytes / 2**20, jax.process_index(), 100 * here / max(total_bytes, 1))
   opt_state = trainer.init_opt_state(trainable)
 
   ckpt = checkpointing.TrainCheckpointer(os.path.join(workdir, 'checkpoints'),

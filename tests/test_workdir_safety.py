@@ -254,3 +254,40 @@ def test_config_typo_is_one_line_with_close_matches(assets, tmp_path):  # noqa: 
     assert p.returncode == 2 and 'Traceback' not in p.stderr, p.stderr[-2000:]
     (line,) = p.stderr.strip().splitlines()
     assert line.startswith(f'error: unknown config field config.{bad.split("=")[0]}') and hint in line
+
+
+def test_evaluate_and_export_find_the_demo_backbone_and_evaluate_writes_apart(assets, tmp_path):  # noqa: F811
+  # The real demo path (data.mode=vqa): its frozen backbone is made on first use, here in 60
+  # steps; evaluate and export must find that same backbone without being told.
+  over = [f'--config.data.assets_dir={tmp_path / "assets"}', '--config.demo_backbone.steps=60',
+          '--config.demo_backbone.batch_size=8', '--config.batch_size=8',
+          '--config.eval.num_batches=1']
+  os.makedirs(tmp_path / 'assets')
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copy(os.path.join(assets, 'spm.model'), tmp_path / 'assets' / 'spm.model')
+  cfg = f'--config={ROOT / "configs" / "demo.py"}'
+  run = tmp_path / 'run'
+  subprocess.run([sys.executable, '-m', 'adalink_jax.train', cfg, f'--workdir={run}',
+                  '--config.total_steps=4', '--config.optimizer.total_steps=4',
+                  '--config.optimizer.warmup_steps=1',
+                  '--config.eval.every=4', '--config.eval.at_start=False'] + over,
+                 check=True, cwd=ROOT, capture_output=True, timeout=400)
+  train_eval = (run / 'eval' / 'metrics_4.json').read_bytes()
+  ev = subprocess.run([sys.executable, '-m', 'adalink_jax.evaluate', cfg, f'--checkpoint={run}']
+                      + over, cwd=ROOT, capture_output=True, text=True, timeout=400)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  result = json.loads(ev.stdout.strip().splitlines()[-1])
+  (out,) = os.listdir(run / 'evaluations')
+  assert out.startswith('step4-')
+  saved = json.loads((run / 'evaluations' / out / 'eval' / 'metrics_4.json').read_text())
+  assert saved['vqa_accuracy'] == result['vqa_accuracy']
+  assert (run / 'eval' / 'metrics_4.json').read_bytes() == train_eval  # untouched
+  again = subprocess.run([sys.executable, '-m', 'adalink_jax.evaluate', cfg,
+                          f'--checkpoint={run}', f'--out={run / "evaluations" / out}'] + over,
+                         cwd=ROOT, capture_output=True, text=True, timeout=400)
+  assert again.returncode == 1 and 'exists' in again.stderr
+  ex = subprocess.run([sys.executable, '-m', 'adalink_jax.export', cfg, f'--workdir={run}',
+                       f'--out={tmp_path / "adapter"}'] + over, cwd=ROOT, capture_output=True,
+                      text=True, timeout=400)
+  assert ex.returncode == 0, ex.stderr[-3000:]
+  assert (tmp_path / 'adapter' / 'adapter.safetensors').exists()
