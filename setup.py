@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     'safetensors>=0.8,<0.9',
     'tensorstore>=0.1.86,<0.2',
     'numpy>=2.0,<3',
+    'scipy>=1.13,<2',                # position-embedding resampling (as big_vision)
     'tqdm>=4.66,<5',
     'tensorboardX>=2.6,<3',
     'matplotlib>=3.9,<4',

@@ -7,6 +7,7 @@ and the ``img/`` tower of SigLIP / PaliGemma checkpoints), scanned
 (``Transformer/encoderblock`` stacked on axis 0) or not. Each load is compared with the
 features of the same weights set directly.
 """
+import logging
 import zipfile
 
 import flax.linen as nn
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from adalink_jax import partitioning
 from adalink_jax.checkpoints import big_vision
@@ -213,3 +216,90 @@ def test_sharded_bf16_restore(reference, tmp_path):
                                   flat[name].astype(jnp.bfloat16).astype(np.float32), name)
   dense = params['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0']['kernel']
   assert {s.data.shape for s in dense.addressable_shards} == {(16, 16)}  # [embed/2, mlp/4]
+
+
+# ------------------------------------------------------------------ another resolution
+
+
+def bv_resample_posemb(old, new):
+  """big_vision/models/vit.py ``resample_posemb`` as published (logging dropped)."""
+  if old.shape == new.shape:
+    return old
+  gs_old = int(np.sqrt(old.shape[1]))
+  gs_new = int(np.sqrt(new.shape[1]))
+  grid = old.reshape(gs_old, gs_old, -1)
+  zoom = (gs_new / gs_old, gs_new / gs_old, 1)
+  grid = scipy.ndimage.zoom(grid, zoom, order=1)
+  return grid.reshape(1, gs_new * gs_new, -1)
+
+
+def _at_size(image_size, **kw):
+  model = _model(image_size=image_size, **kw)
+  x = jnp.zeros((2, *model.config.image_size, 3))
+  return model, nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), x)['params'])
+
+
+@pytest.mark.parametrize('image_size, grid', [(32, 8), (24, 6), (12, 3)])  # x2, x1.5, x0.75
+def test_posemb_grid_resampled_like_big_vision(reference, tmp_path, caplog, image_size, grid):
+  """A 4x4-grid checkpoint into a model at another resolution: big_vision's vit.load result."""
+  flat, _ = reference
+  assert flat['pos_embedding'].shape == (1, 16, 32)
+  path = savez(tmp_path / 'ckpt.npz', scanned(flat), 'params/img/')
+  model, expected = _at_size(image_size)
+  assert expected['pos_embedding'].shape == (1, grid * grid, 32)
+  # Streamed into a sharding that splits the width over 8 devices: each shard is a slice.
+  mesh = Mesh(np.array(jax.devices()[:8]), ('x',))
+  shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), expected)
+  shardings['pos_embedding'] = NamedSharding(mesh, P(None, None, 'x'))
+  with caplog.at_level(logging.INFO, logger='adalink_jax.checkpoints.big_vision'):
+    params = big_vision.load_big_vision_params(path, expected, shardings=shardings)
+  pe = params['pos_embedding']
+  want = bv_resample_posemb(flat['pos_embedding'], np.zeros((1, grid * grid, 32)))
+  np.testing.assert_array_equal(np.asarray(pe), want)
+  assert pe.sharding == shardings['pos_embedding']
+  assert {s.data.shape for s in pe.addressable_shards} == {(1, grid * grid, 4)}
+  lines = [r.getMessage() for r in caplog.records if 'resampled' in r.getMessage()]
+  assert len(lines) == 1 and f'resampled from 4x4 to {grid}x{grid}' in lines[0]
+  assert 'ckpt.npz' in lines[0]
+  for name, value in flatten(params).items():  # everything else as stored
+    if name != 'pos_embedding':
+      np.testing.assert_array_equal(np.asarray(value), flat[name], err_msg=name)
+  # The model runs at its resolution, and the corner positions are the checkpoint's.
+  grid_pe = np.asarray(pe).reshape(grid, grid, 32)
+  old = flat['pos_embedding'].reshape(4, 4, 32)
+  np.testing.assert_allclose(grid_pe[[0, 0, -1, -1], [0, -1, 0, -1]],
+                             old[[0, 0, -1, -1], [0, -1, 0, -1]], rtol=0, atol=1e-6)
+  images = jax.random.uniform(jax.random.PRNGKey(4), (2, image_size, image_size, 3), minval=-1)
+  out = np.asarray(model.apply({'params': params}, images))
+  assert out.shape == (2, 32) and np.isfinite(out).all()
+
+
+def test_old_cls_posemb_and_bf16_resampled(reference, tmp_path, caplog):
+  """[cls] slot split off first (fix_old_checkpoints), then the 4x4 grid resampled to 8x8."""
+  flat, _ = reference
+  rng = np.random.default_rng(2)
+  old = {k: v for k, v in flat.items() if not k.startswith('MAPHead_0/') and k != 'pos_embedding'}
+  pe = rng.normal(size=(1, 17, 32)).astype(jnp.bfloat16)
+  cls = rng.normal(size=(1, 1, 32)).astype(np.float32)
+  old.update({'Transformer/pos_embedding': pe, 'cls': cls})
+  path = savez(tmp_path / 'old.npz', old)
+  model, expected = _at_size(32, pool_type='tok')
+  with caplog.at_level(logging.INFO, logger='adalink_jax.checkpoints.big_vision'):
+    params = big_vision.load_big_vision_params(path, expected)
+  grid = pe[:, 1:].astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(params['pos_embedding']),
+                                bv_resample_posemb(grid, np.zeros((1, 64, 32))))
+  np.testing.assert_allclose(np.asarray(params['cls']), cls + pe[:, :1].astype(np.float32),
+                             rtol=0, atol=0)
+  assert 'resampled from 4x4 to 8x8' in caplog.text
+
+
+def test_non_square_grid_is_not_resampled(reference, tmp_path):
+  flat, _ = reference
+  path = savez(tmp_path / 'ckpt.npz', flat)
+  _, expected = _at_size((16, 32))  # 4x8 patches
+  with pytest.raises(CheckpointMismatchError) as err:
+    big_vision.load_big_vision_params(path, expected)
+  assert err.value.mismatched == [('pos_embedding', (1, 32, 32), (1, 16, 32))]
+  assert 'not resampled: only a [1, g*g, d] grid resamples to another square grid' in str(
+      err.value)

@@ -6,6 +6,7 @@ and logits in fp32, with padded encoder inputs longer than ``relative_attention_
 """
 import copy
 import json
+import logging
 import shutil
 
 import jax
@@ -150,6 +151,117 @@ def test_far_positions_change_the_output(ckpts):
   assert np.abs(logits - hf_logits).max() > 1e-2
 
 
+# ------------------------------------------------------------------ every T5-family config
+# What transformers 4.x and 5.x write for each variant, loaded by HF's own from_pretrained
+# (the reference) and by us: same logits and loss. transformers 5 writes
+# tie_word_embeddings=true for every variant (plus scale_decoder_outputs for T5); 4.x wrote
+# nothing (t5-small) or tie_word_embeddings=false (T5 1.1 / FLAN-T5 / mT5).
+
+_TINY = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2, num_decoder_layers=2,
+             vocab_size=200, relative_attention_num_buckets=8,
+             relative_attention_max_distance=12, dropout_rate=0.0, decoder_start_token_id=0)
+_GATED = dict(feed_forward_proj='gated-gelu', tie_word_embeddings=False)
+# name: (HF class, config kwargs, own lm_head.weight in the file, 4.x config.json or None,
+#        HF scales the decoder output)
+_FAMILY = {
+    't5': ('T5', dict(feed_forward_proj='relu'), False, None, True),
+    't5_hf4': ('T5', dict(feed_forward_proj='relu'), False, 't5', True),
+    't5_v1_1': ('T5', _GATED, True, None, False),
+    'flan_t5_hf4': ('T5', _GATED, True, 'flan_t5', False),
+    'mt5': ('MT5', {}, True, None, False),  # google/mt5-* re-saved by transformers 5 (the bug)
+    'mt5_tied': ('MT5', {}, False, None, False),  # transformers 5 MT5 built from scratch
+    'mt5_hf4': ('MT5', {}, True, 'mt5', False),
+}
+
+
+def _as_hf4(cfg_json, kind):
+  """config.json with the keys transformers 4.x wrote for that kind of checkpoint."""
+  out = {k: v for k, v in cfg_json.items()
+         if k not in ('scale_decoder_outputs', 'dtype', 'is_decoder', 'bos_token_id')}
+  out.update(torch_dtype='float32', transformers_version='4.46.3')
+  if kind == 't5':  # t5-small: relu and tied are defaults, so not written
+    for k in ('tie_word_embeddings', 'feed_forward_proj', 'dense_act_fn', 'is_gated_act'):
+      out.pop(k)
+  else:  # FLAN-T5 / T5 1.1 / mT5: untied, unscaled
+    out['tie_word_embeddings'] = False
+  return out
+
+
+def _labels(vocab, seed):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(2, vocab, (2, DEC_LEN))
+  labels[1, 20:] = -100  # ignored by HF's loss; weight 0 in ours
+  return labels
+
+
+@pytest.fixture(scope='module')
+def family(tmp_path_factory):
+  """name -> (dir, HF from_pretrained model, enc ids, labels, HF logits, HF loss)."""
+  out = {}
+  for seed, (name, (kind, kw, own_head, hf4, _)) in enumerate(_FAMILY.items()):
+    torch.manual_seed(100 + seed)
+    cls = getattr(transformers, f'{kind}ForConditionalGeneration')
+    model = cls(getattr(transformers, f'{kind}Config')(**_TINY, **kw)).float().eval()
+    with torch.no_grad():
+      for pname, p in model.named_parameters():
+        if 'layer_norm' in pname:
+          p.uniform_(0.5, 1.5)
+      if own_head:
+        model.lm_head.weight = torch.nn.Parameter(0.3 * torch.randn(200, 32))
+    d = tmp_path_factory.mktemp(name)
+    model.save_pretrained(d)
+    if hf4:
+      cfg_json = _as_hf4(json.loads((d / 'config.json').read_text()), hf4)
+      (d / 'config.json').write_text(json.dumps(cfg_json))
+    ref = cls.from_pretrained(d).float().eval()  # the reference: HF's own reading of the files
+    enc, _ = _inputs(200, 100 + seed)
+    labels = _labels(200, seed)
+    with torch.no_grad():
+      res = ref(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0),
+                labels=torch.tensor(labels))
+    out[name] = (d, ref, enc, labels, res.logits.numpy(), float(res.loss))
+  return out
+
+
+@pytest.mark.parametrize('name', list(_FAMILY))
+def test_logits_and_loss_match_hf_from_pretrained(family, name):
+  from adalink_jax.peft import train  # pylint: disable=g-import-not-at-top
+  d, ref, enc, labels, hf_logits, hf_loss = family[name]
+  _, kw, own_head, hf4, scaled = _FAMILY[name]
+  saved = json.loads((d / 'config.json').read_text())
+  # The files are what the issue is about: 5.x says tie=true for all, 4.x as described.
+  assert saved.get('tie_word_embeddings', True) is (not hf4 or hf4 == 't5')
+  # HF itself scales exactly where this table says (T5 by config, MT5 never).
+  assert getattr(ref.config, 'scale_decoder_outputs', False) is scaled
+  assert (ref.lm_head.weight.data_ptr() == ref.shared.weight.data_ptr()) is (not own_head)
+
+  cfg, params = hf.load_hf_t5(d)
+  assert cfg.mlp_activations == (('relu',) if kw.get('feed_forward_proj') == 'relu'
+                                 else ('gelu', 'linear'))
+  assert cfg.tie_embeddings is (scaled and not own_head)
+  targets = np.where(labels < 0, 0, labels)
+  dec = np.asarray(t5.shift_right(jnp.asarray(targets), cfg.decoder_start_id))
+  _, logits = _forward(cfg, params, enc, dec)
+  loss, _ = train.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
+                                      jnp.asarray(labels >= 0))
+  print(name, 'max |logit diff|', np.abs(logits - hf_logits).max(), 'max |logit|',
+        np.abs(hf_logits).max(), 'loss', float(loss), hf_loss)
+  np.testing.assert_allclose(logits, hf_logits, atol=2e-5, rtol=0)
+  np.testing.assert_allclose(float(loss), hf_loss, atol=2e-5, rtol=0)
+
+
+def test_umt5_files_are_refused_with_the_reason(tmp_path):
+  """UMT5 (one relative position bias per layer) is not a T5 block structure: refused."""
+  torch.manual_seed(0)
+  cfg = transformers.UMT5Config(**{k: v for k, v in _TINY.items()})
+  transformers.UMT5ForConditionalGeneration(cfg).save_pretrained(tmp_path)
+  with pytest.raises(ValueError) as info:
+    hf.load_hf_t5(tmp_path)
+  msg = str(info.value)
+  assert "model_type='umt5' is not supported" in msg
+  assert 'own relative position bias' in msg and 'mT5' in msg
+
+
 # ------------------------------------------------------------------ formats
 
 
@@ -173,8 +285,27 @@ def test_config_from_hf_variants():
           c.relative_attention_max_distance) == (5, 1, 3, 3, 64)
   with pytest.raises(ValueError, match='umt5'):
     hf.t5_config_from_hf({**base, 'model_type': 'umt5'})
+  # mT5: HF's MT5 never scales, whatever tie_word_embeddings / scale_decoder_outputs say, and
+  # its feed_forward_proj default is gated-gelu.
+  mt5 = {**base, 'model_type': 'mt5'}
+  for extra in ({}, {'tie_word_embeddings': True}, {'tie_word_embeddings': False},
+                {'scale_decoder_outputs': True, 'tie_word_embeddings': True}):
+    c = hf.t5_config_from_hf({**mt5, **extra})
+    assert (c.tie_embeddings, c.mlp_activations) == (False, ('gelu', 'linear')), extra
   with pytest.raises(ValueError, match='feed_forward_proj'):
     hf.t5_config_from_hf({**base, 'feed_forward_proj': 'gated-weird'})
+
+
+def test_mt5_tied_in_hf4_warns_that_hf4_scaled(caplog):
+  """HF 4's MT5 scaled when tie_word_embeddings was true; HF 5 does not, nor do we: said."""
+  base = dict(vocab_size=100, d_model=8, d_kv=2, d_ff=16, num_layers=3, num_heads=4,
+              model_type='mt5', tie_word_embeddings=True)
+  with caplog.at_level(logging.WARNING, logger='adalink_jax.checkpoints.hf'):
+    assert not hf.scales_decoder_output({**base, 'transformers_version': '5.24.0'})
+    assert not caplog.records
+    assert not hf.scales_decoder_output({**base, 'transformers_version': '4.46.3'})
+  assert len(caplog.records) == 1
+  assert 'transformers 4.46.3, which scaled the decoder output' in caplog.text
 
 
 def test_legacy_hf4_files_load_identically(ckpts, tmp_path):

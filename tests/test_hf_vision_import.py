@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage
 import torch
 import transformers
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -168,6 +169,59 @@ def test_plain_vit_matches_hf(tmp_path, cls_name, qkv_bias, prefix):
   # Without a [cls] parameter the function would differ: refused, with the fix named.
   with pytest.raises(ValueError, match="pool_type='tok'"):
     hf_vision.load_hf_vision(tmp_path, _expected(cfg.replace(pool_type='none')))
+
+
+def _bv_resample_posemb(old, new):
+  """big_vision/models/vit.py ``resample_posemb`` as published (logging dropped)."""
+  gs_old, gs_new = int(np.sqrt(old.shape[1])), int(np.sqrt(new.shape[1]))
+  grid = old.reshape(gs_old, gs_old, -1)
+  grid = scipy.ndimage.zoom(grid, (gs_new / gs_old, gs_new / gs_old, 1), order=1)
+  return grid.reshape(1, gs_new * gs_new, -1)
+
+
+@pytest.mark.parametrize('family, size', [('siglip', 64), ('siglip', 48), ('vit', 64)])
+def test_other_resolution_resamples_posemb_like_big_vision(tmp_path, caplog, family, size):
+  """A 4x4-grid (32 px) tower loaded at 64 / 48 px: the grid is resampled as big_vision does.
+
+  Reference: the same HF tower class built at ``size`` with that resampled table (HF's own
+  ``interpolate_pos_encoding`` is bicubic; we follow big_vision, so it is not the reference).
+  """
+  torch.manual_seed(12)
+  kind = {'siglip': 'SiglipVision', 'vit': 'ViT'}[family]
+  hf_cls, hf_cfg_cls = getattr(transformers, f'{kind}Model'), getattr(transformers, f'{kind}Config')
+  model = _perturb(hf_cls(hf_cfg_cls(**VISION, attn_implementation='eager')), 13)
+  model.save_pretrained(tmp_path)
+  cfg = hf_vision.vit_config_from_hf(_config(tmp_path), image_size=size)
+  grid = size // 8
+  with caplog.at_level(logging.INFO, logger='adalink_jax.checkpoints.big_vision'):
+    params = hf_vision.load_hf_vision(tmp_path, _expected(cfg), config=cfg)
+  assert f'resampled from 4x4 to {grid}x{grid}' in caplog.text and str(tmp_path) in caplog.text
+  sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+  if family == 'siglip':
+    key = 'embeddings.position_embedding.weight'
+    table = sd[key].numpy()[None]                                   # [1, 16, d]
+    resampled = _bv_resample_posemb(table, np.zeros((1, grid * grid, 64)))
+    sd[key] = torch.tensor(resampled[0])
+  else:
+    key = 'embeddings.position_embeddings'
+    table = sd[key].numpy()                                         # [1, 1 + 16, d]
+    resampled = _bv_resample_posemb(table[:, 1:], np.zeros((1, grid * grid, 64)))
+    sd[key] = torch.tensor(np.concatenate([table[:, :1], resampled], axis=1))
+  np.testing.assert_array_equal(np.asarray(params['pos_embedding']), resampled)
+  sd.pop('embeddings.position_ids', None)
+  big = hf_cls(hf_cfg_cls(**{**VISION, 'image_size': size}, attn_implementation='eager')).eval()
+  big.load_state_dict(sd, strict=True)
+  x = _images(14, size)
+  want_tokens, want_pooled = _hf_out(big, x)
+  tokens, pooled = _ours(cfg, params, x)
+  assert tokens.shape[1] == grid * grid + (family == 'vit')
+  np.testing.assert_allclose(tokens, want_tokens, atol=1e-4, rtol=0)
+  if family == 'siglip':
+    np.testing.assert_allclose(pooled, want_pooled, atol=1e-4, rtol=0)
+    with torch.no_grad():  # HF's bicubic interpolation is another function: not what we do
+      bicubic = model(pixel_values=torch.tensor(x.transpose(0, 3, 1, 2)),
+                      interpolate_pos_encoding=True).last_hidden_state.numpy()
+    assert np.abs(bicubic - want_tokens).max() > 1e-3
 
 
 def test_wrong_config_lists_mismatched_names(siglip_dir):

@@ -17,11 +17,17 @@ layouts. Like ``big_vision.models.vit.fix_old_checkpoints``, the original ViT's
 A classifier ``head`` / ``pre_logits`` and, when the model has none, ``MAPHead_0`` and
 ``cls`` are not needed by an image tower and are skipped.
 
+Another resolution (PaLI-style transfer at 448 / 896 px): a learned ``pos_embedding`` whose
+square grid differs from the model's is resampled bilinearly, exactly as big_vision's
+``vit.resample_posemb`` does when ``vit.load`` restores into a model of another image size
+(:class:`ResampledPosemb`); the log says so.
+
 Arrays stored uncompressed (``np.savez``, what big_vision writes) are memory-mapped, so
 each device reads only its slice; compressed members are inflated one at a time.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -36,6 +42,8 @@ from adalink_jax.checkpoints.common import (check_tree, flatten, missing_checkpo
                                             unflatten)
 from adalink_jax.checkpoints.streaming import (ArraySource, LayerSlice, LazyNpzSource,
                                                Stacked, normalize_index, place_all)
+
+log = logging.getLogger(__name__)
 
 ROOTS = ('', 'params/', 'opt/target/')
 TOWERS = ('', 'img/')
@@ -165,6 +173,82 @@ class _Sum(ArraySource):
     return self.a.read(index).astype(self.dtype) + self.b.read(index).astype(self.dtype)
 
 
+def _square_side(n: int) -> Optional[int]:
+  side = math.isqrt(n)
+  return side if side > 0 and side * side == n else None
+
+
+def resample_posemb(old: np.ndarray, gs_new: int) -> np.ndarray:
+  """big_vision's ``vit.resample_posemb``: ``[1, g*g, d] -> [1, gs_new*gs_new, d]``.
+
+  The ``[g, g, d]`` grid is zoomed by ``gs_new / g`` on both spatial axes with
+  ``scipy.ndimage.zoom(order=1)`` (bilinear; corner positions are kept). bfloat16 / float16
+  grids are zoomed in float32 (scipy has no half-precision kernels).
+  """
+  import scipy.ndimage  # pylint: disable=g-import-not-at-top
+  gs_old = math.isqrt(old.shape[1])
+  grid = old.reshape(gs_old, gs_old, -1)
+  if grid.dtype not in (np.float32, np.float64):
+    grid = grid.astype(np.float32)
+  zoom = (gs_new / gs_old, gs_new / gs_old, 1)
+  return scipy.ndimage.zoom(grid, zoom, order=1).reshape(1, gs_new * gs_new, -1)
+
+
+class ResampledPosemb(ArraySource):
+  """A ``[1, g*g, d]`` position embedding read whole and resampled to ``[1, G*G, d]`` once.
+
+  Only this one (small) array is held: it is computed on the first shard's read, sliced for
+  every shard, and dropped by ``release`` once placed, like any other source.
+  """
+
+  def __init__(self, base: ArraySource, gs_new: int, where: str = ''):
+    self.base, self.gs_old, self.gs_new = base, math.isqrt(base.shape[1]), gs_new
+    self.where = where or base.name
+    self.name = f'{base.name} resampled {self.gs_old}x{self.gs_old} -> {gs_new}x{gs_new}'
+    self.shape = (1, gs_new * gs_new, base.shape[2])
+    self.dtype = np.dtype(np.float64 if np.dtype(base.dtype) == np.float64 else np.float32)
+    self._cached: Optional[np.ndarray] = None
+
+  def children(self):
+    return (self.base,)
+
+  def read(self, index=()):
+    if self._cached is None:
+      self._cached = resample_posemb(self.base.read(), self.gs_new)
+      self.base.release()
+      log.info('%s: pos_embedding grid resampled from %dx%d to %dx%d for the model\'s image '
+               'size (bilinear, as big_vision vit.resample_posemb)', self.where,
+               self.gs_old, self.gs_old, self.gs_new, self.gs_new)
+    return self._cached[normalize_index(index, self.shape)]
+
+  def release(self):
+    self._cached = None
+    super().release()
+
+
+def resample_pos_embedding(mapped: dict[str, ArraySource], wanted: Mapping[str, Any],
+                           notes: dict[str, str], where: str = '') -> None:
+  """Replaces ``mapped['pos_embedding']`` by a :class:`ResampledPosemb` when only its grid differs.
+
+  Both must be ``[1, n, d]`` with the same ``d`` and square ``n``; anything else is left for
+  the shape check to report, with a note saying why it was not resampled.
+  """
+  src, want = mapped.get('pos_embedding'), wanted.get('pos_embedding')
+  if src is None or want is None:
+    return
+  want = want.unbox() if hasattr(want, 'unbox') else want
+  have, need = tuple(src.shape), tuple(int(d) for d in want.shape)
+  if have == need:
+    return
+  if (len(have) == len(need) == 3 and have[0] == need[0] == 1 and have[2] == need[2]
+      and _square_side(have[1]) and _square_side(need[1])):
+    mapped['pos_embedding'] = ResampledPosemb(src, _square_side(need[1]), where)
+    return
+  why = ('not resampled: only a [1, g*g, d] grid resamples to another square grid of the same '
+         'width d (big_vision vit.resample_posemb)')
+  notes['pos_embedding'] = f"{notes['pos_embedding']}; {why}" if 'pos_embedding' in notes else why
+
+
 def _split_submodel(path: Any) -> tuple[str, Optional[str]]:
   """``'/x/model.npz:img'`` -> (``'/x/model.npz'``, ``'img'``), as big_vision's load_params."""
   path = os.fspath(path)
@@ -193,10 +277,10 @@ def _old_layout_fixes(ck: dict[str, ArraySource], expected: Mapping[str, Any]) -
     if old in ck and 'pos_embedding' not in ck:
       ck['pos_embedding'] = ck.pop(old)
   pe = ck.get('pos_embedding')
-  if pe is not None and len(pe.shape) == 3:
-    n = pe.shape[1]
-    if int(math.isqrt(n - 1)) ** 2 + 1 == n and 'pos_embedding' in expected \
-        and tuple(expected['pos_embedding'].shape)[1] == n - 1:
+  if pe is not None and len(pe.shape) == 3 and 'pos_embedding' in expected:
+    n, want = pe.shape[1], int(tuple(expected['pos_embedding'].shape)[1])
+    # [cls] + g*g slots: split when the model wants that grid or another square one (resampled).
+    if _square_side(n - 1) and (want == n - 1 or (want != n and _square_side(want))):
       ck['pos_embedding'] = _Slice(pe, 1, 1, n)
       if 'cls' in ck:
         ck['cls'] = _Sum(ck['cls'], _Slice(pe, 1, 0, 1))
@@ -259,7 +343,8 @@ def load_big_vision_params(path: Any, expected: Mapping[str, Any], *,
   path: ``.npz`` file, optionally ``file.npz:<sub-tree>`` (e.g. ``:img``); without it the
     tower is found under ``''``, ``params/``, ``opt/target/`` or their ``img/`` sub-tree.
   expected: our ViT's parameter tree (``jax.eval_shape`` of ``init``; e.g. a PaLI model's
-    ``params['img']``), scanned or not.
+    ``params['img']``), scanned or not. A model of another image size (same patch size)
+    gets the checkpoint's position-embedding grid resampled to its own (logged).
   shardings / dtype / skip: as in :func:`adalink_jax.checkpoints.t5x.load_t5x_params`
     (default dtype: each ``expected`` leaf's).
   Raises CheckpointMismatchError listing every missing, unexpected and mis-shaped name.
@@ -272,6 +357,7 @@ def load_big_vision_params(path: Any, expected: Mapping[str, Any], *,
   wanted = {n: v for n, v in exp_flat.items() if skip is None or not skip(n)}
   _old_layout_fixes(ck, wanted)
   mapped, notes, unused = map_big_vision_to_model(ck, wanted)
+  resample_pos_embedding(mapped, wanted, notes, f'{file} ({root}pos_embedding)')
   check_tree(wanted, mapped, source=f'big_vision checkpoint {file} (tree "{root}")',
              extra_unexpected=[root + n for n in unused], notes=notes)
   out = {n: v for n, v in exp_flat.items() if n not in wanted}

@@ -15,17 +15,19 @@ without the checkpoint ever being on the host whole. HF names map to the t5x nam
   ``*.layer_norm.weight``, ``*.final_layer_norm.weight`` -> ``.../scale``
   ``lm_head.weight [vocab, d]``                    -> ``decoder/logits_dense/kernel [d, vocab]``
 
-Tying. T5 1.0 multiplies the decoder output by ``d_model**-0.5`` and uses the embedding as
-the LM head; T5 1.1 / FLAN-T5 has its own unscaled head. HF <= 4 encodes "1.0" as
-``tie_word_embeddings`` (default true); HF >= 5 always writes ``tie_word_embeddings: true``
-and says ``scale_decoder_outputs`` instead, and takes ``lm_head.weight`` from the file when it
-is present and differs from ``shared.weight``. We follow the same rules: the model gets
-``tie_embeddings=True`` only when the output is scaled *and* the head is the embedding; any
-other combination loads as an explicit ``logits_dense`` kernel (with the scale folded in).
+Tying and scaling. The head is ``lm_head.weight`` when the file has one that differs from
+``shared.weight``, else the embedding (transformers 5 ties symmetrically and unties a head the
+file stores separately). Whether the decoder output is multiplied by ``d_model**-0.5`` before
+the head is what HF's own class for the ``model_type`` does (:func:`scales_decoder_output`),
+not ``tie_word_embeddings`` alone: transformers 5 writes ``tie_word_embeddings: true`` for
+every T5-family model. The model gets ``tie_embeddings=True`` only when the output is scaled
+*and* the head is the embedding; any other combination loads as an explicit ``logits_dense``
+kernel (with the scale folded in).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import re
@@ -43,6 +45,7 @@ from adalink_jax.checkpoints.streaming import (ArraySource, Stacked, Transposed,
 from adalink_jax.models import t5
 
 PathLike = Union[str, os.PathLike]
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -61,28 +64,57 @@ _HF_ACTIVATIONS = {
     'relu': 'relu', 'gelu': 'gelu_exact', 'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu',
     'silu': 'silu', 'swish': 'silu', 'tanh': 'tanh', 'linear': 'linear',
 }
-_SUPPORTED_MODEL_TYPES = ('t5', 'mt5')  # same block structure; umt5/longt5 differ
+# feed_forward_proj when config.json omits it: each HF config class's own default.
+_DEFAULT_PROJ = {'t5': 'relu', 'mt5': 'gated-gelu'}
+_SUPPORTED_MODEL_TYPES = tuple(_DEFAULT_PROJ)
+_UNSUPPORTED_WHY = {  # same family, other blocks: refused with the reason
+    'umt5': 'UMT5 gives every layer its own relative position bias',
+    'longt5': 'LongT5 uses local / transient-global attention',
+}
 
 
-def _scales_decoder_output(cfg: dict) -> bool:
-  """HF >= 5 writes ``scale_decoder_outputs``; older configs say ``tie_word_embeddings``."""
+def scales_decoder_output(cfg: Mapping[str, Any]) -> bool:
+  """Whether HF's class for this ``config.json`` multiplies the decoder output by ``d_model**-0.5``.
+
+  transformers 5 (what ``from_pretrained`` does, checked by tests/test_hf_t5_parity.py):
+    ``t5`` (T5, T5 1.1, FLAN-T5): ``scale_decoder_outputs`` when the file has it (HF 5 writes
+      it next to ``tie_word_embeddings: true``), else ``tie_word_embeddings`` (HF 4's encoding:
+      absent or true for T5 1.0, false for T5 1.1 / FLAN-T5).
+    ``mt5``: never; ``MT5ForConditionalGeneration`` has no scaling and ``MT5Config`` forces
+      ``tie_word_embeddings`` to true on load and save, so that key says nothing here.
+  """
+  if cfg.get('model_type', 't5') == 'mt5':
+    if cfg.get('tie_word_embeddings') is True and _written_by_hf4(cfg):
+      # HF 4's MT5 scaled when tie_word_embeddings was true (official mT5 files say false).
+      log.warning('config.json: model_type mt5 with tie_word_embeddings=true written by '
+                  'transformers %s, which scaled the decoder output by d_model**-0.5; loading '
+                  'unscaled, as transformers >= 5 does', cfg.get('transformers_version'))
+    return False
   if 'scale_decoder_outputs' in cfg:
     return bool(cfg['scale_decoder_outputs'])
   return cfg.get('tie_word_embeddings', True) is not False
 
 
+def _written_by_hf4(cfg: Mapping[str, Any]) -> bool:
+  version = str(cfg.get('transformers_version', ''))
+  return bool(re.match(r'[0-4]\.', version))
+
+
 def t5_config_from_hf(config_json: dict, **overrides) -> t5.T5Config:
   """An HF T5 ``config.json`` dict -> :class:`T5Config` (``overrides`` replace fields afterwards).
 
-  ``tie_embeddings`` is True for T5 1.0-style configs (scaled, embedding-tied head); the
-  loader turns it off when the file carries a separate ``lm_head.weight``.
+  ``tie_embeddings`` is True when HF's class scales the decoder output
+  (:func:`scales_decoder_output`: T5 1.0-style configs); the loader turns it off when the
+  file carries a separate ``lm_head.weight`` (and folds the scale into that head).
   """
   cfg = dict(config_json)
   model_type = cfg.get('model_type', 't5')
   if model_type not in _SUPPORTED_MODEL_TYPES:
-    raise ValueError(f'config.json model_type={model_type!r}: only {_SUPPORTED_MODEL_TYPES} '
-                     'share the T5 block structure this loader maps')
-  proj = cfg.get('feed_forward_proj', 'relu')
+    why = _UNSUPPORTED_WHY.get(model_type, 'its blocks are not those of T5')
+    raise ValueError(f'config.json model_type={model_type!r} is not supported: {why}, which '
+                     f't5.T5 does not implement; only {_SUPPORTED_MODEL_TYPES} checkpoints '
+                     '(T5, T5 1.1, FLAN-T5, mT5) load')
+  proj = cfg.get('feed_forward_proj', _DEFAULT_PROJ[model_type])
   parts = proj.split('-')
   if len(parts) > 2 or (len(parts) == 2 and parts[0] != 'gated'):
     raise ValueError(f"config.json feed_forward_proj={proj!r}: expected 'ACT' or 'gated-ACT'")
@@ -108,7 +140,7 @@ def t5_config_from_hf(config_json: dict, **overrides) -> t5.T5Config:
       vocab_size=get('vocab_size'), d_model=get('d_model'), num_heads=get('num_heads'),
       d_kv=get('d_kv'), d_ff=get('d_ff'), num_encoder_layers=num_layers,
       num_decoder_layers=cfg.get('num_decoder_layers') or num_layers,
-      mlp_activations=mlp_activations, tie_embeddings=_scales_decoder_output(cfg),
+      mlp_activations=mlp_activations, tie_embeddings=scales_decoder_output(cfg),
       relative_attention_num_buckets=cfg.get('relative_attention_num_buckets', 32),
       relative_attention_max_distance=cfg.get('relative_attention_max_distance', 128),
       dropout_rate=float(cfg.get('dropout_rate', 0.1)),
@@ -330,7 +362,8 @@ class _Opened:
     self.config_path, files = _locate(path)
     hf_cfg = json.loads(self.config_path.read_text())
     self.tensors: dict[str, ArraySource] = safetensors_sources(files)
-    self.scale = _scales_decoder_output(hf_cfg)
+    derived = t5_config_from_hf(hf_cfg)
+    self.scale = derived.tie_embeddings  # scales_decoder_output(hf_cfg), decided (and logged) once
     tensors = self.tensors
     # The head: lm_head.weight when the file has one distinct from the embedding, else shared.
     self.shared = tensors.get('shared.weight')
@@ -343,8 +376,7 @@ class _Opened:
     self.head = tensors.get('lm_head.weight')
     self.head_is_embedding = self.head is None or (
         self.shared is not None and _same_values(self.head, self.shared))
-    self.derived = t5_config_from_hf(hf_cfg).replace(
-        tie_embeddings=self.scale and self.head_is_embedding)
+    self.derived = derived.replace(tie_embeddings=self.scale and self.head_is_embedding)
     self.cfg = self.derived if config is None else config
     for name in _IGNORED[:2]:
       if name in tensors and self.shared is not None and not _same_values(tensors[name],
@@ -416,7 +448,7 @@ def _map_to_model(ck: _Opened, wanted: Mapping[str, Any]
     raise ValueError(
         'config.tie_embeddings=True (scaled, embedding-tied LM head, T5 1.0) but the checkpoint '
         + ('has a separate lm_head.weight' if not ck.head_is_embedding else
-           'does not scale decoder outputs (T5 1.1 / FLAN-T5)')
+           'does not scale decoder outputs (T5 1.1 / FLAN-T5 / mT5)')
         + '; pass tie_embeddings=False')
   unmapped = [f'{n}  (HF tensor with no place in the model)' for n in ck.tensors
               if n not in used]

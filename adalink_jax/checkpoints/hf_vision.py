@@ -28,6 +28,13 @@ to every token; our ViT adds the position embedding to the patches and then prep
 position_embeddings[:, 1:]``: exact, but only for ``pool_type='tok'`` (the [CLS] token takes
 part in every attention). The ``pooler`` (dense + tanh) and classifiers are ignored.
 SigLIP 2 (NaFlex, linear patch embedding) is not supported.
+
+Another resolution: when the model's image size gives another square patch grid than the
+file's ``position_embedding`` (``[cls]`` slot excluded for ViT), the grid is resampled
+bilinearly like big_vision's ``vit.resample_posemb`` (``scipy.ndimage.zoom(order=1)``,
+:class:`big_vision.ResampledPosemb`), and logged. This is *not* HF's own
+``interpolate_pos_encoding=True``, which interpolates bicubically at every forward pass:
+we follow big_vision, whose PaLI-style high-resolution transfers the checkpoints come from.
 """
 from __future__ import annotations
 
@@ -41,7 +48,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from adalink_jax.checkpoints import hf
+from adalink_jax.checkpoints import big_vision, hf
 from adalink_jax.checkpoints.common import (check_tree, flatten, missing_checkpoint_error,
                                             unflatten)
 from adalink_jax.checkpoints.streaming import (ArraySource, Stacked, normalize_index,
@@ -425,6 +432,8 @@ def load_hf_vision(path: PathLike, expected: Mapping[str, Any], *, shardings: An
   expected: our ViT's parameter tree (``jax.eval_shape`` of ``init``; e.g. a PaLI model's
     ``params['img']``), scanned or not; build the model with :func:`vit_config_from_hf`.
     A SigLIP ``head`` loads into ``MAPHead_0`` when the tree has one and is skipped otherwise.
+    A model of another image size (same patch size) gets the file's position-embedding grid
+    resampled to its own (bilinear, as big_vision; logged).
   shardings / dtype / skip: as in :func:`adalink_jax.checkpoints.big_vision.load_big_vision_params`
     (default dtype: each ``expected`` leaf's; ``skip(name)`` leaves are returned as given).
   config: optional; the model's ViTConfig, checked against config.json for the settings a
@@ -456,6 +465,9 @@ def load_hf_vision(path: PathLike, expected: Mapping[str, Any], *, shardings: An
     table = vit_name_table(_count_layers(ck, r'encoder\.layer\.(\d+)\.'), heads,
                            qkv_bias=bool(v.get('qkv_bias', True)))
   mapped, notes, used = map_hf_to_model(ck, table, wanted, prefix)
+  if not isinstance(mapped.get('pos_embedding'), _Unconvertible):  # another image size
+    big_vision.resample_pos_embedding(mapped, wanted, notes,
+                                      f'{where} ({notes.get("pos_embedding")})')
   unexpected = [f'{prefix}{n}  (HF tensor with no place in the model)' for n in sorted(ck)
                 if n not in used and not _ignorable(n, family, wanted)]
   check_tree(wanted, mapped, source=f'HF checkpoint {where!r} (tower prefix "{prefix}")',
