@@ -17,7 +17,9 @@ INSTALL_REQUIRES = [
     'safetensors>=0.8,<0.9',
     'tensorstore>=0.1.86,<0.2',
     'numpy>=2.0,<3',
-    'scipy>=1.13,<2',                # position-embedding resampling (as big_vision)
+    'scipy>=1.13,<2',                # position-embedding resampling (as big_vision), correlations
+    'scikit-learn>=1.5,<2',          # GLUE accuracy / F1 / MCC
+    'pycocoevalcap==1.2',            # caption metrics (BLEU, METEOR with Java, ROUGE-L, CIDEr-D)
     'tqdm>=4.66,<5',
     'tensorboardX>=2.6,<3',
     'matplotlib>=3.9,<4',
@@ -29,9 +31,6 @@ TEST_REQUIRES = [
     # References we did not write, used only to check our numbers.
     'torch==2.13.0',                 # CPU wheel; installs from the local wheel here
     'transformers>=5.23,<6',
-    'pycocoevalcap==1.2',
-    'scikit-learn>=1.5,<2',
-    'scipy>=1.13,<2',
     'psutil>=6,<8',
 ]
 

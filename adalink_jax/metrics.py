@@ -1,39 +1,62 @@
-"""Evaluation metrics that reproduce the official scorers to the last decimal (0-100 scale).
+"""Evaluation metrics, computed by the official scorers or the libraries the references use (0-100).
 
-* Captioning (COCO caption evaluation, pycocoevalcap): :func:`cider` (CIDEr-D), :func:`bleu4`
-  (BLEU-4, 'closest' reference length), :func:`rouge_l` (ROUGE-L, beta 1.2), on PTB-tokenised text.
-* VQA (official ``vqaEval.py``; VQAv2, OK-VQA, TextVQA): :func:`vqa_accuracy`.
+* Captioning (COCO caption evaluation): :func:`caption_metrics`, :func:`cider` (CIDEr-D),
+  :func:`bleu4`, :func:`rouge_l` call pycocoevalcap's own Bleu, Cider, Rouge and (where Java
+  exists) Meteor scorers on PTB-tokenised text.
+* VQA (GT-Vision-Lab vqaEval.py; VQAv2, OK-VQA, TextVQA): :func:`vqa_accuracy`, reimplemented
+  because upstream is a Python 2 class bound to its JSON files; its rules are tested one by one.
 * ST-VQA / DocVQA: :func:`anls`.
-* GLUE, as T5 computes it: :func:`accuracy`, :func:`f1_score_with_invalid`,
+* GLUE, as T5 computes it (sklearn / scipy): :func:`accuracy`, :func:`f1_score_with_invalid`,
   :func:`matthews_corrcoef`, :func:`pearson_corrcoef`, :func:`spearman_corrcoef`,
   :func:`glue_average`, plus T5's postprocessors :func:`string_to_float` and
   :func:`string_label_to_class_id`.
 
 Every ``seqio_*`` function has seqio's metric signature ``fn(targets, predictions) -> dict``.
-Pure Python/NumPy: no TensorFlow, no pycocoevalcap import (it is only a test-time reference).
+pycocoevalcap, scikit-learn and scipy are imported when a metric first needs them.
 
-Tokenisation: :mod:`adalink_jax.ptb_tokenizer` (Java CoreNLP when present, else a tested
-pure-Python port).
+Tokenisation: :mod:`adalink_jax.ptb_tokenizer` (pycocoevalcap's CoreNLP jar through Java when
+present, else a tested pure-Python port).
 """
 from __future__ import annotations
 
 import collections
-import math
+import importlib
 import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from adalink_jax.ptb_tokenizer import ptb_tokenize
+from adalink_jax.ptb_tokenizer import java_available, ptb_tokenize
 
 # ------------------------------------------------------------------------------------------------
-# CIDEr-D, BLEU-4, ROUGE-L (pycocoevalcap)
+# CIDEr-D, BLEU-1..4, ROUGE-L, METEOR: pycocoevalcap's own scorers
 # ------------------------------------------------------------------------------------------------
+
+_COCO_SCORERS = {'bleu': ('pycocoevalcap.bleu.bleu', 'Bleu'),
+                 'cider': ('pycocoevalcap.cider.cider', 'Cider'),
+                 'rouge': ('pycocoevalcap.rouge.rouge', 'Rouge'),
+                 'meteor': ('pycocoevalcap.meteor.meteor', 'Meteor')}
+
+
+def _coco_scorer(name: str):
+  """A pycocoevalcap scorer class, imported when first needed (only scoring needs it)."""
+  module, cls = _COCO_SCORERS[name]
+  try:
+    return getattr(importlib.import_module(module), cls)
+  except ImportError as e:
+    raise ImportError(f'caption metrics use pycocoevalcap\'s scorers: pip install '
+                      f'pycocoevalcap==1.2 ({e})') from e
+
+
+CaptionDicts = Tuple[Dict[int, List[str]], Dict[int, List[str]]]
 
 
 def _prepare_captions(predictions: Sequence[str], references: Sequence[Sequence[str]],
-                      tokenizer: Optional[str]) -> Tuple[List[List[str]], List[List[List[str]]]]:
-  """Validates; PTB-tokenises refs and predictions (one call each, as COCOEvalCap); splits."""
+                      tokenizer: Optional[str]) -> CaptionDicts:
+  """Validates and PTB-tokenises (refs and predictions in one call each, as COCOEvalCap).
+
+  Returns pycocoevalcap's inputs: ``gts`` {i: [reference, ...]} and ``res`` {i: [prediction]}.
+  """
   if len(predictions) != len(references):
     raise ValueError(f'{len(predictions)} predictions but {len(references)} reference lists')
   if not predictions:
@@ -43,148 +66,59 @@ def _prepare_captions(predictions: Sequence[str], references: Sequence[Sequence[
       raise ValueError(f'references[{i}] must be a non-empty list of strings, got {refs!r}')
   flat = [r for refs in references for r in refs]
   preds = list(predictions)
+  for what, texts in (('prediction', preds), ('reference', flat)):
+    for i, t in enumerate(texts):
+      if not isinstance(t, str):
+        raise TypeError(f'{what} {i} is {type(t).__name__}, expected str: {t!r}')
   if tokenizer is not None:
     flat, preds = ptb_tokenize(flat, tokenizer), ptb_tokenize(preds, tokenizer)
-  out_refs, k = [], 0
-  for refs in references:
-    out_refs.append([r.split(' ') for r in flat[k:k + len(refs)]])  # ROUGE splits on ' '.
+  gts, k = {}, 0
+  for i, refs in enumerate(references):
+    gts[i] = flat[k:k + len(refs)]
     k += len(refs)
-  return [p.split(' ') for p in preds], out_refs
+  return gts, {i: [p] for i, p in enumerate(preds)}
 
 
-def _ngrams(words: List[str], n: int = 4) -> Dict[Tuple[str, ...], int]:
-  counts: Dict[Tuple[str, ...], int] = collections.defaultdict(int)
-  for k in range(1, n + 1):
-    for i in range(len(words) - k + 1):
-      counts[tuple(words[i:i + k])] += 1
-  return counts
-
-
-def _cider_d(hyps, refs, n=4, sigma=6.0) -> np.ndarray:
-  """Per-image CIDEr-D on pycocoevalcap's scale (x10), same float operations as CiderScorer."""
-  # pycocoevalcap splits on any whitespace here (str.split()), unlike ROUGE's split(' ').
-  ctest = [_ngrams(' '.join(h).split(), n) for h in hyps]
-  crefs = [[_ngrams(' '.join(r).split(), n) for r in rs] for rs in refs]
-  doc_freq: Dict[Tuple[str, ...], float] = collections.defaultdict(float)
-  for rs in crefs:  # Document = an image's reference set.
-    for ngram in set(g for r in rs for g in r):
-      doc_freq[ngram] += 1
-  log_num_docs = np.log(float(len(crefs)))
-  idf: Dict[Tuple[str, ...], float] = {}
-
-  def to_vec(counts):
-    vec = [{} for _ in range(n)]
-    norm = [0.0] * n
-    length = 0
-    for ngram, tf in counts.items():
-      k = len(ngram) - 1
-      if ngram not in idf:  # Unseen n-grams get df 1 (log 0 avoided), as upstream.
-        idf[ngram] = float(log_num_docs - np.log(max(1.0, doc_freq.get(ngram, 0.0))))
-      vec[k][ngram] = w = float(tf) * idf[ngram]
-      norm[k] += w ** 2
-      if k == 1:  # Upstream counts bigrams (len - 1); harmless, an empty side scores 0 anyway.
-        length += tf
-    return vec, [math.sqrt(x) for x in norm], length
-
-  scores = []
-  for test, rs in zip(ctest, crefs):
-    vec, norm, length = to_vec(test)
-    score = [0.0] * n
-    for ref in rs:
-      vec_r, norm_r, length_r = to_vec(ref)
-      penalty = math.e ** (-(float(length - length_r) ** 2) / (2 * sigma ** 2))  # Length penalty.
-      for k in range(n):
-        val = 0.0
-        for ngram, w in vec[k].items():  # Clipped ("-D") dot product.
-          w_r = vec_r[k].get(ngram, 0.0)
-          val += min(w, w_r) * w_r
-        if norm[k] != 0 and norm_r[k] != 0:
-          val /= norm[k] * norm_r[k]
-        score[k] += val * penalty
-    scores.append(np.mean(np.array(score)) / len(rs) * 10.0)
-  return np.array(scores)
-
-
-def _bleu(hyps, refs, n=4) -> Tuple[List[float], List[List[float]]]:
-  """pycocoevalcap BleuScorer(option='closest'): corpus BLEU-1..n and per-image lists."""
-  tiny, small = 1e-15, 1e-9  # Upstream's smoothing constants.
-  total_guess, total_correct = [0] * n, [0] * n
-  total_test, total_ref = 0, 0
-  per_image: List[List[float]] = [[] for _ in range(n)]
-  for hyp, rs in zip(hyps, refs):
-    hyp = ' '.join(hyp).split()
-    ref_lens, max_counts = [], {}
-    for r in rs:
-      r = ' '.join(r).split()
-      ref_lens.append(len(r))
-      for ngram, c in _ngrams(r, n).items():
-        max_counts[ngram] = max(max_counts.get(ngram, 0), c)
-    test_len = len(hyp)
-    ref_len = min((abs(l - test_len), l) for l in ref_lens)[1]  # Closest; ties -> shorter.
-    guess = [max(0, test_len - k + 1) for k in range(1, n + 1)]
-    correct = [0] * n
-    for ngram, c in _ngrams(hyp, n).items():
-      correct[len(ngram) - 1] += min(max_counts.get(ngram, 0), c)
-    total_test += test_len
-    total_ref += ref_len
-    bleu = 1.0
-    for k in range(n):
-      total_guess[k] += guess[k]
-      total_correct[k] += correct[k]
-      bleu *= (float(correct[k]) + tiny) / (float(guess[k]) + small)
-      per_image[k].append(bleu ** (1.0 / (k + 1)))
-    ratio = (test_len + tiny) / (ref_len + small)
-    if ratio < 1:
-      for k in range(n):
-        per_image[k][-1] *= math.exp(1 - 1 / ratio)
-  corpus, bleu = [], 1.0
-  for k in range(n):
-    bleu *= float(total_correct[k] + tiny) / (total_guess[k] + small)
-    corpus.append(bleu ** (1.0 / (k + 1)))
-  ratio = (total_test + tiny) / (total_ref + small)
-  if ratio < 1:
-    corpus = [b * math.exp(1 - 1 / ratio) for b in corpus]
-  return corpus, per_image
-
-
-def _lcs(a: List[str], b: List[str]) -> int:
-  prev = [0] * (len(b) + 1)
-  for x in a:
-    cur = [0]
-    for j, y in enumerate(b):
-      cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-    prev = cur
-  return prev[-1]
-
-
-def _rouge_l(hyps, refs, beta=1.2) -> np.ndarray:
-  """pycocoevalcap Rouge: F-beta of the max precision and max recall over references."""
-  scores = []
-  for hyp, rs in zip(hyps, refs):
-    lcs = [_lcs(r, hyp) for r in rs]
-    prec = max(l / float(len(hyp)) for l in lcs)
-    rec = max(l / float(len(r)) for l, r in zip(lcs, rs))
-    scores.append(((1 + beta ** 2) * prec * rec) / float(rec + beta ** 2 * prec)
-                  if prec != 0 and rec != 0 else 0.0)
-  return np.array(scores)
+def _meteor(gts, res) -> Tuple[float, List[float]]:
+  """pycocoevalcap Meteor (a Java subprocess; the scorer closes it when collected)."""
+  if not java_available():
+    raise RuntimeError('METEOR needs `java` on PATH (e.g. apt-get install default-jre-headless); '
+                       'or pass meteor=False')
+  scorer = _coco_scorer('meteor')()
+  try:
+    return scorer.compute_score(gts, res)
+  except (ValueError, OSError) as e:  # The jar died (e.g. no memory for -Xmx2G): no score.
+    if scorer.lock.locked():  # compute_score keeps it on error and Meteor.__del__ waits on it.
+      scorer.lock.release()
+    raise RuntimeError(f'METEOR (pycocoevalcap meteor-1.5.jar) returned no score ({e}); '
+                       'check `java -Xmx2G -version`, or pass meteor=False') from e
 
 
 def caption_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]],
-                    tokenizer: Optional[str] = 'auto') -> Dict[str, float]:
-  """CIDEr(-D), BLEU-1..4 and ROUGE-L (0-100) as the COCO caption evaluation reports them.
+                    tokenizer: Optional[str] = 'auto',
+                    meteor: Optional[bool] = None) -> Dict[str, float]:
+  """CIDEr(-D), BLEU-1..4, ROUGE-L and METEOR (0-100) from the COCO caption evaluation's scorers.
 
   Args:
     predictions: one caption per image.
     references: a non-empty list of reference captions per image.
     tokenizer: PTB backend for :func:`ptb_tokenize` ('auto', 'java', 'python'), or None when the
       inputs are already tokenised (space-separated tokens).
+    meteor: add 'meteor' (needs Java); None adds it exactly when ``java`` is on PATH.
   """
-  hyps, refs = _prepare_captions(predictions, references, tokenizer)
-  bleus, _ = _bleu(hyps, refs)
-  out = {'cider': 100 * float(np.mean(_cider_d(hyps, refs))),
-         'rouge_l': 100 * float(np.mean(_rouge_l(hyps, refs)))}
-  out.update({f'bleu{k + 1}': 100 * b for k, b in enumerate(bleus)})
+  gts, res = _prepare_captions(predictions, references, tokenizer)
+  bleus, _ = _coco_scorer('bleu')(4).compute_score(gts, res, verbose=0)
+  out = {'cider': 100 * float(_coco_scorer('cider')().compute_score(gts, res)[0]),
+         'rouge_l': 100 * float(_coco_scorer('rouge')().compute_score(gts, res)[0])}
+  out.update({f'bleu{k + 1}': 100 * float(b) for k, b in enumerate(bleus)})
+  if meteor or (meteor is None and java_available()):
+    out['meteor'] = 100 * float(_meteor(gts, res)[0])
   return out
+
+
+def _scaled(mean, per, return_per_example):
+  per = 100 * np.asarray(per, np.float64)
+  return (100 * float(mean), per) if return_per_example else 100 * float(mean)
 
 
 def cider(predictions, references, tokenizer='auto', return_per_example=False):
@@ -192,20 +126,21 @@ def cider(predictions, references, tokenizer='auto', return_per_example=False):
 
   With ``return_per_example`` also returns the per-image scores (same scale) as an array.
   """
-  raw = _cider_d(*_prepare_captions(predictions, references, tokenizer))
-  return (100 * float(np.mean(raw)), 100 * raw) if return_per_example else 100 * float(np.mean(raw))
+  gts, res = _prepare_captions(predictions, references, tokenizer)
+  return _scaled(*_coco_scorer('cider')().compute_score(gts, res), return_per_example)
 
 
 def bleu4(predictions, references, tokenizer='auto', return_per_example=False):
   """Corpus BLEU-4 x 100 (pycocoevalcap Bleu(4), 'closest' reference length)."""
-  corpus, per = _bleu(*_prepare_captions(predictions, references, tokenizer))
-  return (100 * corpus[3], 100 * np.array(per[3])) if return_per_example else 100 * corpus[3]
+  gts, res = _prepare_captions(predictions, references, tokenizer)
+  corpus, per = _coco_scorer('bleu')(4).compute_score(gts, res, verbose=0)
+  return _scaled(corpus[3], per[3], return_per_example)
 
 
 def rouge_l(predictions, references, tokenizer='auto', return_per_example=False):
   """ROUGE-L x 100 (pycocoevalcap Rouge, beta=1.2), mean over images."""
-  raw = _rouge_l(*_prepare_captions(predictions, references, tokenizer))
-  return (100 * float(np.mean(raw)), 100 * raw) if return_per_example else 100 * float(np.mean(raw))
+  gts, res = _prepare_captions(predictions, references, tokenizer)
+  return _scaled(*_coco_scorer('rouge')().compute_score(gts, res), return_per_example)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,31 +189,56 @@ def vqa_process_digit_article(text: str) -> str:
   return ' '.join(VQA_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES)
 
 
+def _vqa_strip(text: str) -> str:
+  """vqaEval's first step: newlines and tabs become spaces, outer whitespace goes."""
+  return text.replace('\n', ' ').replace('\t', ' ').strip()
+
+
 def vqa_normalize_answer(answer: str) -> str:
-  """Full normalisation vqaEval applies to every predicted answer."""
-  answer = answer.replace('\n', ' ').replace('\t', ' ').strip()
-  return vqa_process_digit_article(vqa_process_punctuation(answer))
+  """Full vqaEval normalisation: strip, processPunctuation, processDigitArticle."""
+  return vqa_process_digit_article(vqa_process_punctuation(_vqa_strip(answer)))
+
+
+#: 'current': vqaEval.py since GT-Vision-Lab/VQA commit a013f00 "Fixed processing answers bug"
+#: (2021, HEAD). '2016': the version before it (458a8b2, Oct 2016), to compare with numbers it gave.
+VQA_RULES = ('current', '2016')
+
+
+def _vqa_compared(pred: str, answers: List[str], rule: str) -> Tuple[str, List[str]]:
+  """The prediction and the human answers in the form vqaEval compares them (string equality)."""
+  if rule == '2016':  # Prediction always normalised; answers only punctuation-processed, unstripped.
+    if len(set(answers)) > 1:
+      answers = [vqa_process_punctuation(a) for a in answers]
+    return vqa_normalize_answer(pred), answers
+  pred, answers = _vqa_strip(pred), [_vqa_strip(a) for a in answers]
+  if len(set(answers)) > 1:  # Not unanimous: both sides fully normalised.
+    return vqa_normalize_answer(pred), [vqa_normalize_answer(a) for a in answers]
+  return pred, answers  # Unanimous (after stripping): neither side is processed.
 
 
 def vqa_accuracy(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]],
-                 return_per_example: bool = False):
-  """Official VQA accuracy x 100.
+                 return_per_example: bool = False, rule: str = 'current'):
+  """Official VQA accuracy x 100 (VQAv2, OK-VQA, TextVQA), per GT-Vision-Lab vqaEval.py.
 
-  Per question (as the current GT-Vision-Lab vqaEval.py): the prediction is fully normalised; the
-  human answers get only punctuation processing, and only when they are not all identical; the
-  score is the mean over annotators i of min(1, #{j != i: answer_j == prediction} / 3). Upstream
-  rounds the final number to 2 decimals for display; we return it unrounded.
+  Per question (``rule='current'``, vqaEval.py at HEAD): prediction and human answers have
+  newlines/tabs turned into spaces and are stripped; when the human answers are not all identical,
+  both sides then get processPunctuation and processDigitArticle, otherwise neither does. The score
+  is the mean over annotators i of min(1, #{j != i: answer_j == prediction} / 3).
+  ``rule='2016'`` is the older scorer (prediction always normalised, human answers only
+  punctuation-processed and only when not unanimous). Upstream rounds the final number to 2
+  decimals for display; we return it unrounded.
   """
+  if rule not in VQA_RULES:
+    raise ValueError(f'vqa_accuracy rule={rule!r}; choose from {VQA_RULES}')
   if len(predictions) != len(answer_lists):
     raise ValueError(f'{len(predictions)} predictions but {len(answer_lists)} answer lists')
   scores = []
   for q, (pred, answers) in enumerate(zip(predictions, answer_lists)):
     if isinstance(answers, str) or not answers:
       raise ValueError(f'answer_lists[{q}] must be a non-empty list of strings, got {answers!r}')
-    pred = vqa_normalize_answer(pred)
-    answers = list(answers)
-    if len(set(answers)) > 1:
-      answers = [vqa_process_punctuation(a) for a in answers]
+    if not isinstance(pred, str) or not all(isinstance(a, str) for a in answers):
+      raise TypeError(f'question {q}: prediction and answers must be str, got {pred!r}, {answers!r}')
+    pred, answers = _vqa_compared(pred, list(answers), rule)
     matches = [a == pred for a in answers]
     total = sum(matches)
     scores.append(float(np.mean([min(1.0, (total - m) / 3.0) for m in matches])))
@@ -294,16 +254,10 @@ def vqa_accuracy(predictions: Sequence[str], answer_lists: Sequence[Sequence[str
 
 
 def levenshtein(a: str, b: str) -> int:
-  """Edit distance (insert/delete/substitute, unit costs)."""
-  if len(a) < len(b):
-    a, b = b, a
-  prev = list(range(len(b) + 1))
-  for i, ca in enumerate(a, 1):
-    cur = [i]
-    for j, cb in enumerate(b, 1):
-      cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-    prev = cur
-  return prev[-1]
+  """Edit distance over characters (insert/delete/substitute, unit costs), by ``editdistance``
+  (a seqio dependency)."""
+  import editdistance  # pylint: disable=g-import-not-at-top
+  return int(editdistance.eval(a, b))
 
 
 def anls(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]], threshold: float = 0.5,
@@ -362,63 +316,47 @@ def _pair(targets, predictions) -> Tuple[np.ndarray, np.ndarray]:
   return t, p
 
 
+def _sklearn_metrics():
+  try:
+    import sklearn.metrics  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'GLUE metrics use scikit-learn: pip install scikit-learn ({e})') from e
+  return sklearn.metrics
+
+
 def accuracy(targets, predictions) -> float:
-  """100 * fraction of exact matches (sklearn accuracy_score)."""
+  """100 * fraction of exact matches (sklearn accuracy_score, as T5)."""
   t, p = _pair(targets, predictions)
-  return 100 * float(np.mean(t == p))
+  return 100 * float(_sklearn_metrics().accuracy_score(t, p))
 
 
 def f1_score_with_invalid(targets, predictions) -> float:
-  """T5's binary F1 x 100 (positive class 1); predictions other than 0/1 count as wrong."""
+  """T5's binary F1 x 100 (sklearn f1_score, positive class 1); predictions other than 0/1 count
+  as the wrong class. No positive at all scores 0 (sklearn's zero_division value)."""
   t, p = _pair(targets, predictions)
-  t = t.astype(np.int64)
-  p = np.where((p != 0) & (p != 1), 1 - t, p).astype(np.int64)
-  tp = float(np.sum((t == 1) & (p == 1)))
-  denom = 2 * tp + float(np.sum((t == 0) & (p == 1))) + float(np.sum((t == 1) & (p == 0)))
-  return 100 * (2 * tp / denom if denom else 0.0)  # sklearn's zero_division default -> 0.
+  p = np.where((p != 0) & (p != 1), 1 - t, p)
+  return 100 * float(_sklearn_metrics().f1_score(t, p, zero_division=0.0))
 
 
 def matthews_corrcoef(targets, predictions) -> float:
-  """Matthews correlation x 100, multi-class form as sklearn (invalid labels are a class)."""
+  """Matthews correlation x 100 (sklearn matthews_corrcoef; an invalid label is one more class)."""
   t, p = _pair(targets, predictions)
-  _, codes = np.unique(np.concatenate([t, p]), return_inverse=True)
-  k = int(codes.max()) + 1
-  conf = np.zeros((k, k), np.float64)
-  np.add.at(conf, (codes[:len(t)], codes[len(t):]), 1)
-  t_sum, p_sum = conf.sum(axis=1), conf.sum(axis=0)
-  n = p_sum.sum()
-  cov_tp = np.trace(conf) * n - np.dot(t_sum, p_sum)
-  cov_pp, cov_tt = n ** 2 - np.dot(p_sum, p_sum), n ** 2 - np.dot(t_sum, t_sum)
-  return 100 * float(cov_tp / np.sqrt(cov_tt * cov_pp)) if cov_pp * cov_tt else 0.0
+  return 100 * float(_sklearn_metrics().matthews_corrcoef(t, p))
 
 
 def pearson_corrcoef(targets, predictions) -> float:
-  """Pearson r x 100 (scipy.stats.pearsonr); NaN when either side is constant, as scipy."""
+  """Pearson r x 100 (scipy.stats.pearsonr, as T5); NaN with scipy's ConstantInputWarning when
+  either side is constant (the correlation is undefined)."""
+  import scipy.stats  # pylint: disable=g-import-not-at-top
   t, p = _pair(targets, predictions)
-  t, p = t.astype(np.float64) - np.mean(t, dtype=np.float64), p.astype(np.float64) - np.mean(
-      p, dtype=np.float64)
-  nt, np_ = np.linalg.norm(t), np.linalg.norm(p)
-  if nt == 0 or np_ == 0:
-    return float('nan')
-  return 100 * float(np.clip(np.dot(t / nt, p / np_), -1.0, 1.0))
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-  """Ranks 1..n with ties sharing their average rank (scipy.stats.rankdata 'average')."""
-  order = np.argsort(x, kind='mergesort')
-  xs = x[order]
-  starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-  ends = np.r_[starts[1:], len(x)]
-  ranks = np.empty(len(x), np.float64)
-  ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-  return ranks
+  return 100 * float(scipy.stats.pearsonr(t.astype(np.float64), p.astype(np.float64))[0])
 
 
 def spearman_corrcoef(targets, predictions) -> float:
-  """Spearman rho x 100 (scipy.stats.spearmanr): Pearson r of average ranks."""
+  """Spearman rho x 100 (scipy.stats.spearmanr, as T5)."""
+  import scipy.stats  # pylint: disable=g-import-not-at-top
   t, p = _pair(targets, predictions)
-  return pearson_corrcoef(_average_ranks(t.astype(np.float64)),
-                          _average_ranks(p.astype(np.float64)))
+  return 100 * float(scipy.stats.spearmanr(t.astype(np.float64), p.astype(np.float64))[0])
 
 
 _GLUE_TASKS = ('cola', 'sst2', 'mrpc', 'stsb', 'qqp', 'mnli', 'qnli', 'rte', 'wnli')

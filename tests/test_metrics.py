@@ -1,8 +1,12 @@
 """Metrics against hand-computed values and against the official/reference implementations.
 
-References we did not write: pycocoevalcap (Cider, Bleu, Rouge, PTBTokenizer with Stanford CoreNLP
-run through Java), sklearn (accuracy_score, f1_score, matthews_corrcoef), scipy (pearsonr,
-spearmanr). The VQA rules are checked on crafted answers, one per rule of the official vqaEval.py.
+References we did not write: pycocoevalcap (Cider, Bleu, Rouge, Meteor, PTBTokenizer with Stanford
+CoreNLP run through Java), sklearn (accuracy_score, f1_score, matthews_corrcoef), scipy (pearsonr,
+spearmanr). The caption and GLUE metrics call those libraries, so their tests check hand-computed
+values and our plumbing (tokenisation, order, scale, T5's invalid-label handling). The VQA rules are
+checked on crafted answers, one per rule of the official vqaEval.py (GT-Vision-Lab/VQA, HEAD
+a013f00 and the 2016 version 458a8b2), and on a corpus whose official scores were computed by
+running those two files.
 """
 import math
 import random
@@ -132,7 +136,8 @@ def _random_captions(n, seed):
 
 @needs_java
 def test_ptb_tokenize_both_backends_equal_pycocoevalcap():
-  captions = CAPTIONS + [c for refs in CAPTION_REFS for c in refs] + _random_captions(600, 0)
+  captions = (CAPTIONS + [c for refs in CAPTION_REFS for c in refs] + _random_captions(600, 0)
+              + _random_captions(400, 2))
   expected = _coco_tokenize(captions)
   assert M.ptb_tokenize(captions, 'java') == expected
   got = M.ptb_tokenize(captions, 'python')
@@ -231,7 +236,8 @@ def test_caption_metrics_match_pycocoevalcap(backend):
   ref = _coco_scores(gts, res)
   # Sanity: the references are not degenerate.
   assert 20 < 100 * ref['cider'][0] < 200 and 0 < ref['bleu4'][0] < 1
-  got = M.caption_metrics(preds, CAPTION_REFS, tokenizer=backend)
+  got = M.caption_metrics(preds, CAPTION_REFS, tokenizer=backend, meteor=False)
+  assert 'meteor' not in got
   for k in range(4):
     assert got[f'bleu{k + 1}'] == pytest.approx(100 * ref['bleus'][k], rel=1e-6)
   for name, fn in (('cider', M.cider), ('bleu4', M.bleu4), ('rouge_l', M.rouge_l)):
@@ -249,7 +255,7 @@ def test_caption_metrics_random_corpus_matches_pycocoevalcap():
   refs = [[rng.choice(pool) for _ in range(rng.randint(1, 5))] for _ in range(150)]
   ref = _coco_scores(_coco_tokenize_dict(dict(enumerate(refs))),
                      _coco_tokenize_dict({i: [p] for i, p in enumerate(preds)}))
-  got = M.caption_metrics(preds, refs, tokenizer='python')
+  got = M.caption_metrics(preds, refs, tokenizer='python', meteor=False)
   for name in ('cider', 'bleu4', 'rouge_l'):
     assert got[name] == pytest.approx(100 * ref[name][0], rel=1e-6), name
 
@@ -259,6 +265,33 @@ def test_caption_metrics_validation():
     M.cider(['a', 'b'], [['a']], tokenizer=None)
   with pytest.raises(ValueError, match=r'references\[0\]'):
     M.cider(['a'], [[]], tokenizer=None)
+  with pytest.raises(TypeError, match='reference 1 is bytes'):
+    M.rouge_l(['a'], [['a', b'b']], tokenizer=None)
+
+
+@needs_java
+def test_meteor_matches_pycocoevalcap():
+  from pycocoevalcap.meteor.meteor import Meteor
+  gts = _coco_tokenize_dict({i: r for i, r in enumerate(CAPTION_REFS)})
+  res = _coco_tokenize_dict({i: [p] for i, p in enumerate(CAPTIONS)})
+  ref, ref_per = Meteor().compute_score(gts, res)
+  assert 0.05 < ref < 0.5 and min(ref_per) == 0.0 < max(ref_per)  # '' scores 0; others do not.
+  got = M.caption_metrics(CAPTIONS, CAPTION_REFS, tokenizer='java')  # meteor=None: Java is here.
+  assert got['meteor'] == pytest.approx(100 * ref, rel=1e-12)
+  # The other metrics do not depend on METEOR being computed.
+  no_meteor = M.caption_metrics(CAPTIONS, CAPTION_REFS, tokenizer='java', meteor=False)
+  assert no_meteor == {k: v for k, v in got.items() if k != 'meteor'}
+
+
+def test_caption_metrics_without_java_use_python_tokenizer_and_skip_meteor(monkeypatch):
+  preds, refs = CAPTIONS[:8], CAPTION_REFS[:8]
+  expected = M.caption_metrics(preds, refs, tokenizer='python', meteor=False)
+  assert 10 < expected['cider'] < 300 and 0 < expected['bleu4'] < 100
+  monkeypatch.setattr(P.shutil, 'which', lambda name: None)  # A machine without Java.
+  assert M.caption_metrics(preds, refs) == expected  # no 'meteor' key, python tokenizer
+  assert M.cider(preds, refs) == expected['cider']
+  with pytest.raises(RuntimeError, match='METEOR needs `java`'):
+    M.caption_metrics(preds, refs, meteor=True)
 
 
 # ------------------------------------------------------------------------- VQA
@@ -290,43 +323,106 @@ def test_vqa_period_strip_is_capped_at_32():
   assert M.vqa_process_punctuation('.' * 40) == '.' * 8
 
 
-def _vqa_restated(pred_norm, answers):
-  """Straightforward re-statement: average over the leave-one-annotator-out subsets."""
+def _vqa_official(pred, answers, rule):
+  """One question scored by the steps of vqaEval.py's evaluate(), written out as upstream does
+  them: answer dicts with distinct ids (leave-one-out removes exactly one), in-place processing.
+  The two processing helpers are checked rule by rule in test_vqa_normalization_rules."""
+  def clean(x):
+    return x.replace('\n', ' ').replace('\t', ' ').strip()
+  gts = [{'answer': a, 'answer_id': i} for i, a in enumerate(answers)]
+  res = clean(pred)
+  if rule == '2016':
+    res = M.vqa_process_digit_article(M.vqa_process_punctuation(res))
+  else:
+    for d in gts:
+      d['answer'] = clean(d['answer'])
+  if len(set(d['answer'] for d in gts)) > 1:
+    for d in gts:
+      d['answer'] = M.vqa_process_punctuation(d['answer'])
+      if rule != '2016':
+        d['answer'] = M.vqa_process_digit_article(d['answer'])
+    if rule != '2016':
+      res = M.vqa_process_digit_article(M.vqa_process_punctuation(res))
   accs = []
-  for i in range(len(answers)):
-    others = answers[:i] + answers[i + 1:]
-    accs.append(min(1.0, sum(a == pred_norm for a in others) / 3.0))
-  return sum(accs) / len(accs)
+  for d in gts:
+    others = [o for o in gts if o != d]
+    accs.append(min(1, float(len([o for o in others if o['answer'] == res])) / 3))
+  return float(sum(accs)) / len(accs)
 
 
-def test_vqa_accuracy_hand_and_quirks():
+# Answers with articles, number words, digits with commas, punctuation, contractions, capitals,
+# trailing periods and stray whitespace.
+_VQA_POOL = ['yes', 'no', '2', 'two', 'Two', 'the dog', 'a dog', 'dog', 'Dog.', 'dog.', 'yes.',
+             'Yes', 'YES', 'dont', "don't", 'do not', '1,000', '1000', 't-shirt', 't shirt',
+             'tshirt', 'red, white', 'red white', ' yes', 'yes ', 'yes\n', 'no\t', 'an apple',
+             'apple', 'none', '0', '3.5', '3.5.', 'dr. who', 'dr who', "it's", 'its', 'a/b', 'ten',
+             '10', 'The Cat!', 'cat', 'mr. t']
+
+
+def _vqa_corpus():
+  """600 questions, 30% with unanimous answers; predictions drawn from the pool and the answers."""
+  rng = random.Random(0)
+  preds, lists = [], []
+  for _ in range(600):
+    if rng.random() < 0.3:
+      lists.append([rng.choice(_VQA_POOL)] * 10)
+    else:
+      pool = rng.sample(_VQA_POOL, rng.randint(1, 4))
+      lists.append([rng.choice(pool) for _ in range(10)])
+    preds.append(rng.choice(_VQA_POOL + lists[-1]))
+  return preds, lists
+
+
+def test_vqa_accuracy_current_rules_by_hand():
   # 3 of 10 humans said "2": those 3 see 2 others agreeing (2/3), the other 7 see 3 (1).
   answers = ['2'] * 3 + ['3'] * 7
   assert M.vqa_accuracy(['two'], [answers]) == pytest.approx(100 * (3 * 2 / 3 + 7) / 10)
-  # Unanimous human answers are compared raw (no punctuation processing), the prediction is not.
-  assert M.vqa_accuracy(['yes.'], [['yes.'] * 10]) == 0.0
+  # Unanimous answers (after stripping): neither side is processed, so case and periods count.
+  assert M.vqa_accuracy(['yes.'], [['yes.'] * 10]) == pytest.approx(100.0)
+  assert M.vqa_accuracy(['Yes'], [['yes'] * 10]) == 0.0
+  assert M.vqa_accuracy(['yes'], [['Yes.'] * 10]) == 0.0
+  assert M.vqa_accuracy(['2'], [['two'] * 10]) == 0.0
+  assert M.vqa_accuracy([' yes\n'], [['yes '] * 5 + ['\tyes'] * 5]) == pytest.approx(100.0)
+  # Not unanimous: both sides get punctuation and digit/article processing.
   assert M.vqa_accuracy(['yes.'], [['yes.'] * 9 + ['no']]) == pytest.approx(100.0)
-  # Non-unanimous answers get punctuation processing only (no article/number mapping).
-  assert M.vqa_accuracy(['the dog'], [['the dog'] * 9 + ['cat']]) == 0.0
-  assert M.vqa_accuracy(['the dog'], [['dog'] * 9 + ['cat']]) == pytest.approx(100.0)
+  assert M.vqa_accuracy(['the dog'], [['the dog'] * 9 + ['cat']]) == pytest.approx(100.0)
+  assert M.vqa_accuracy(['dog'], [['The Dog.'] * 9 + ['cat']]) == pytest.approx(100.0)
+  assert M.vqa_accuracy(['2'], [['Two'] * 4 + ['three'] * 6]) == pytest.approx(100.0)
+  assert M.vqa_accuracy(['dont'], [["don't"] * 2 + ['no'] * 8]) == pytest.approx(
+      100 * (2 * 1 / 3 + 8 * 2 / 3) / 10)
+  assert M.vqa_accuracy(['1000'], [['1,000'] * 3 + ['10'] * 7]) == pytest.approx(
+      100 * (3 * 2 / 3 + 7) / 10)
   mean, per = M.vqa_accuracy(['no', '3'], [['no'] * 10, answers], return_per_example=True)
   np.testing.assert_allclose(per, [100.0, 100.0])
   with pytest.raises(ValueError, match=r'answer_lists\[0\]'):
     M.vqa_accuracy(['x'], [[]])
+  with pytest.raises(TypeError, match='question 0'):
+    M.vqa_accuracy(['x'], [[b'x']])
+  with pytest.raises(ValueError, match="rule='2015'"):
+    M.vqa_accuracy(['x'], [['x']], rule='2015')
 
 
-def test_vqa_accuracy_matches_restatement_on_random_answers():
-  rng = np.random.default_rng(0)
-  vocab = ['yes', 'no', '2', '3', 'red', 'blue', 'dog', 'cat']
-  preds, lists = [], []
-  for _ in range(300):
-    preds.append(str(rng.choice(vocab)))
-    lists.append([str(a) for a in rng.choice(vocab[:rng.integers(1, 8)], size=rng.integers(1, 11))])
-  mean, per = M.vqa_accuracy(preds, lists, return_per_example=True)
-  expected = [100 * _vqa_restated(p, a) for p, a in zip(preds, lists)]
+def test_vqa_accuracy_2016_rule_by_hand():
+  # The pre-2021 scorer: prediction always normalised, answers only punctuation-processed (and
+  # only when not unanimous), never stripped.
+  assert M.vqa_accuracy(['yes.'], [['yes.'] * 10], rule='2016') == 0.0
+  assert M.vqa_accuracy(['Yes'], [['yes'] * 10], rule='2016') == pytest.approx(100.0)
+  assert M.vqa_accuracy(['yes'], [['yes '] * 10], rule='2016') == 0.0
+  assert M.vqa_accuracy(['the dog'], [['the dog'] * 9 + ['cat']], rule='2016') == 0.0
+  assert M.vqa_accuracy(['the dog'], [['dog'] * 9 + ['cat']], rule='2016') == pytest.approx(100.0)
+  assert M.vqa_accuracy(['2'], [['Two'] * 4 + ['three'] * 6], rule='2016') == 0.0
+
+
+@pytest.mark.parametrize('rule, official_mean', [('current', 28.8), ('2016', 16.8)])
+def test_vqa_accuracy_matches_official_scorer_on_varied_answers(rule, official_mean):
+  preds, lists = _vqa_corpus()
+  mean, per = M.vqa_accuracy(preds, lists, return_per_example=True, rule=rule)
+  expected = [100 * _vqa_official(p, a, rule) for p, a in zip(preds, lists)]
   np.testing.assert_allclose(per, expected, rtol=1e-12)
-  assert mean == pytest.approx(np.mean(expected), rel=1e-12)
-  assert 0 < mean < 100 and len({round(x, 6) for x in per}) > 3
+  # Overall accuracy that GT-Vision-Lab's vqaEval.py itself printed for this corpus (its HEAD
+  # and its 2016 version, run under Python 3 with the print statements converted).
+  assert mean == pytest.approx(official_mean, abs=5e-3)
+  assert len({round(x, 6) for x in per}) > 3
 
 
 # ------------------------------------------------------------------------- ANLS
@@ -369,7 +465,8 @@ def test_glue_metrics_match_sklearn_and_scipy():
   preds3 = np.where(rng.random(200) < 0.6, labels3, rng.integers(-1, 3, 200))
   assert M.matthews_corrcoef(labels3, preds3) == pytest.approx(
       100 * sklearn.metrics.matthews_corrcoef(labels3, preds3), rel=1e-10)
-  assert M.matthews_corrcoef([1, 1], [1, 1]) == 0.0
+  with pytest.warns(UserWarning, match='single label'):  # sklearn says why it is 0.
+    assert M.matthews_corrcoef([1, 1], [1, 1]) == 0.0
 
   # STS-B: targets rounded to 0.2 (ties), generated strings through T5's string_to_float.
   y = np.round(rng.uniform(0, 5, 300) * 5) / 5
@@ -383,7 +480,8 @@ def test_glue_metrics_match_sklearn_and_scipy():
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     assert math.isnan(scipy.stats.pearsonr([1.0, 2.0, 3.0], [1.0, 1.0, 1.0])[0])
-  assert math.isnan(M.pearson_corrcoef([1.0, 2.0, 3.0], [1.0, 1.0, 1.0]))
+  with pytest.warns(scipy.stats.ConstantInputWarning):  # NaN, but never silently.
+    assert math.isnan(M.pearson_corrcoef([1.0, 2.0, 3.0], [1.0, 1.0, 1.0]))
   assert M.string_label_to_class_id('entailment', ['entailment', 'neutral']) == 0
   assert M.string_label_to_class_id('maybe', ['entailment', 'neutral']) == -1
   with pytest.raises(ValueError, match='equal-length'):
@@ -406,10 +504,12 @@ def test_glue_average_groups_tasks_like_t5():
 
 def test_seqio_wrappers_have_seqio_signature():
   assert M.seqio_accuracy([1, 0, 1], [1, 1, 1]) == {'accuracy': pytest.approx(200 / 3)}
-  assert set(M.seqio_caption_metrics([['a b'], ['c d']], ['a b', 'c d'])) == {
-      'cider', 'rouge_l', 'bleu1', 'bleu2', 'bleu3', 'bleu4'}
-  assert M.seqio_caption_metrics([['a b'], ['c d']], ['a b', 'c d'])['cider'] == pytest.approx(500)
+  caps = M.seqio_caption_metrics([['a b'], ['c d']], ['a b', 'c d'])
+  meteor = {'meteor'} if P.java_available() else set()  # METEOR where Java exists.
+  assert set(caps) == {'cider', 'rouge_l', 'bleu1', 'bleu2', 'bleu3', 'bleu4'} | meteor
+  assert caps['cider'] == pytest.approx(500)
   assert M.seqio_vqa_accuracy([['two'] * 10], ['2']) == {'vqa_accuracy': 0.0}  # unanimous: raw
+  assert M.seqio_vqa_accuracy([['two'] * 9 + ['2']], ['2']) == {'vqa_accuracy': 100.0}
   assert M.seqio_anls([['hello']], ['helo']) == {'anls': pytest.approx(80.0)}
   out = {}
   for fn in M.GLUE_METRIC_FNS['stsb']:
