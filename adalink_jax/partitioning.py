@@ -24,6 +24,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ('embed', 'fsdp'),
     ('mlp', 'model'),
     ('heads', 'model'),
+    ('kv_heads', 'model'),  # GQA/MQA K/V heads; 1-head K/V stays replicated (indivisible)
     ('joined_kv', 'model'),
     ('kv', None),
     ('relpos_buckets', None),

@@ -2,7 +2,7 @@
 
 Every parameter in the project is created through :func:`param`, so every leaf of
 a parameter tree carries one logical axis name per dimension. The names used:
-``vocab, embed, mlp, heads, kv, joined_kv, relpos_buckets, layers, rank, tasks,
+``vocab, embed, mlp, heads, kv_heads, kv, joined_kv, relpos_buckets, layers, rank, tasks,
 patch, channels, pos``; :mod:`adalink_jax.partitioning` maps them to mesh axes.
 """
 from __future__ import annotations
