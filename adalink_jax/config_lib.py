@@ -99,8 +99,10 @@ def multimodal(benchmark: str, style: str, metric: str, arg: str | None, *,
       eval_split='validation', text_len=text_len, target_len=target_len,
       image_size=a.image_size, tfds_data_dir='', vocab='', truncate='question_start',
       data_dirs=dict.fromkeys(DATA_DIR_KEYS, '')))
+  # Each eval task is scored by its own postprocessor and metric functions (tasks/*.py);
+  # eval.tasks lists tasks / mixtures to evaluate (empty: data.eval_task, else data.task).
   c.eval = ml_collections.ConfigDict(dict(
-      every=2000, num_batches=0, metric=metric, at_start=False,
+      every=2000, num_batches=0, metric=metric, at_start=False, tasks=(),
       decoding=dict(method='greedy', max_decode_len=target_len)))
   c.best_metric = metric
   if style == 'mmit':
@@ -127,7 +129,7 @@ def sweep_methods(add: Callable[..., None], ranks=(4, 16, 64)) -> None:
 def glue(model: str, arg: str | None) -> ml_collections.ConfigDict:
   """GLUE (T5 text-to-text, proportional mixture) on a T5 1.1 / FLAN-T5 XXL, text adapters."""
   a = parse_arg(arg, method='adalink', rank=64, model=model, steps=20_000, batch=128, lr=1e-3,
-                eval_task='glue_rte_v002_raw', num_tasks=1)
+                eval_task='', num_tasks=1)
   c = base(steps=a.steps, batch=a.batch, lr=a.lr)
   c.model = ml_collections.ConfigDict(dict(
       family='t5', name=a.model, dtype='bfloat16', frozen_dtype='bfloat16',
@@ -139,8 +141,10 @@ def glue(model: str, arg: str | None) -> ml_collections.ConfigDict:
       # 'end': T5's GLUE inputs are cut at the tail (two texts, no question to keep the end of).
       image_size=224, tfds_data_dir='', vocab='', truncate='end',
       data_dirs=dict.fromkeys(DATA_DIR_KEYS, '')))
+  # Every GLUE task of the mixture is evaluated with T5's metrics; 'average' is the GLUE score.
   c.eval = ml_collections.ConfigDict(dict(
-      every=2000, num_batches=0, metric='exact_match', at_start=False,
+      every=2000, num_batches=0, metric='', at_start=False, tasks=(),
       decoding=dict(method='greedy', max_decode_len=8)))
+  c.best_metric = 'average'
   c.init.t5 = f'{a.model.upper()}_HF_DIR'  # a save_pretrained copy of the public checkpoint
   return c

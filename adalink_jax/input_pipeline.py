@@ -1,10 +1,12 @@
 """Training and eval batches for the trainer, one host-local shard per process.
 
 A *source* has ``train_batches(start)`` (endless, deterministic: batch ``k`` is always the
-same, so resuming at step ``s`` just starts at batch ``s``), ``eval_batches(n)`` and
+same, so resuming at step ``s`` just starts at batch ``s``), ``eval_tasks()`` (what each eval
+task scores and how, :class:`evaluation.EvalTask`), ``eval_batches(n, task)`` and
 ``decode_text(ids)``. Batches are dicts of numpy arrays (``image``, ``encoder_input_tokens``,
-``decoder_input_tokens``, ``decoder_target_tokens``, ``decoder_loss_weights``, ``task_id``)
-plus ``answers`` (reference strings per example) for eval.
+``decoder_input_tokens``, ``decoder_target_tokens``, ``decoder_loss_weights``, ``task_id``);
+eval batches add ``targets`` (per example, postprocessed by the task), ``prompts`` and
+``valid`` (False on the padding rows of a last batch).
 
 ``task_id`` leaves the sources as a *global* id (``tasks.common.TASK_IDS``; the demo is 0).
 With a per-task adapter bank (``peft.num_tasks > 1``) :func:`make_source` wraps the source so
@@ -20,6 +22,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from adalink_jax import evaluation
 from adalink_jax.peft import task_bank
 
 
@@ -59,14 +62,20 @@ class DemoSource:
                                 batch_size=int(config.batch_size), image_size=int(d.image_size),
                                 text_len=int(d.text_len), target_len=int(d.target_len),
                                 seed=int(d.get('seed', 0)))
+    self.metric = config.eval.metric
 
   def train_batches(self, start: int = 0) -> Iterator[dict]:
     for b in self.task.train_batches(start):
       yield _host_slice(b)
 
-  def eval_batches(self, num_batches: int) -> Iterator[dict]:
+  def eval_tasks(self) -> list[evaluation.EvalTask]:
+    """One task, scored by ``config.eval.metric`` against every answer of the example."""
+    return [evaluation.EvalTask('demo', str.strip, (evaluation.named_metric(self.metric),))]
+
+  def eval_batches(self, num_batches: int, task: str = 'demo') -> Iterator[dict]:
+    del task  # the demo has one eval task
     for b in self.task.eval_batches(num_batches):
-      yield _host_slice(b)
+      yield dict(_host_slice(b), targets=_host_slice({'a': b['answers']})['a'])
 
   def decode_text(self, ids) -> str:
     return self.task.decode_text(ids)
@@ -83,9 +92,9 @@ class BankedSource:
     for i, b in enumerate(self.source.train_batches(start), start):
       yield self.bank.map_batch_task_ids(b, f'train batch {i}')
 
-  def eval_batches(self, num_batches: int) -> Iterator[dict]:
-    for i, b in enumerate(self.source.eval_batches(num_batches)):
-      yield self.bank.map_batch_task_ids(b, f'eval batch {i}')
+  def eval_batches(self, num_batches: int, task: str) -> Iterator[dict]:
+    for i, b in enumerate(self.source.eval_batches(num_batches, task)):
+      yield self.bank.map_batch_task_ids(b, f'eval batch {i} of {task}')
 
   def __getattr__(self, name: str) -> Any:  # decode_text, vocab, ... of the wrapped source
     return getattr(self.__dict__['source'], name)
@@ -103,7 +112,7 @@ def _task_catalog(source: Any) -> tuple[dict, Any, tuple, tuple]:
     return DEMO_TASKS, str, tuple(DEMO_TASKS), tuple(DEMO_TASKS)
   from tasks import common  # pylint: disable=g-import-not-at-top
   return (common.TASK_IDS, common.benchmark_of, _seqio_names(source.train_task),
-          _seqio_names(source.eval_task))
+          tuple(t.name for t in source.eval_tasks()))
 
 
 def task_bank_for(config: Any, source: Any) -> task_bank.TaskBank:
@@ -147,19 +156,3 @@ def gather_strings(items: list) -> list:
   for row, n in zip(np.asarray(every), np.asarray(lengths).reshape(-1)):
     out += json.loads(bytes(row[:n]).decode('utf-8'))
   return out
-
-
-METRICS = ('vqa_accuracy', 'anls', 'cider', 'exact_match')
-
-
-def compute_metrics(name: str, predictions: list[str], references: list[list[str]]) -> dict:
-  """Named metric (0-100) of decoded predictions against per-example reference lists."""
-  from adalink_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  if name not in METRICS:
-    raise ValueError(f'config.eval.metric={name!r}; choose from {METRICS}')
-  if name == 'exact_match':
-    value = 100.0 * float(np.mean([p.strip() == r[0].strip()
-                                   for p, r in zip(predictions, references)]))
-  else:
-    value = getattr(metrics_lib, name)(predictions, references)
-  return {name: float(value)}

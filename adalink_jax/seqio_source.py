@@ -13,8 +13,9 @@ task's position follows in closed form (:func:`mixture_schedule`). Batch ``k`` i
 image's slot is filled by the next readable example (which the next batch also sees), so
 resume and an uninterrupted run agree bit for bit. Cost of starting at ``k``: one epoch
 permutation per task and at most one mixture block, not ``k`` batches. Not O(1): TFDS tasks
-(COCO Captions, GLUE) skip ``k * B`` *records* before decoding (``TrainingFlagTfdsSource.stream``)
-and packed batches (``config.data.pack``) skip ``k`` batches (:meth:`SeqioSource.train_batches_by_skip`).
+(COCO Captions, GLUE) skip ``k * B`` *records* before decoding
+(``TrainingFlagTfdsSource.stream``), and packed batches (``config.data.pack``) skip ``k``
+batches (:meth:`SeqioSource.train_batches_by_skip`).
 
 A split that yields no batch at all (e.g. every image unreadable) raises
 :class:`data.NoExamplesError` naming the dataset, the skips and the folder, instead of ending
@@ -23,6 +24,7 @@ the iterator (which the trainer would see as a bare ``StopIteration``).
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 from typing import Any, Iterator, Sequence
@@ -31,6 +33,7 @@ import jax
 import numpy as np
 
 from adalink_jax import data
+from adalink_jax import evaluation
 from adalink_jax import input_pipeline
 from adalink_jax.env import import_tensorflow
 
@@ -97,6 +100,29 @@ def _one_line_errors(it: Iterator) -> Iterator:
     raise data.TruncationError(msg.split(marker, 1)[1].splitlines()[0]) from None
 
 
+def _eval_seqio_tasks(config: Any) -> list:
+  """``config.eval.tasks`` (names of tasks or mixtures; commas allowed), else
+  ``data.eval_task``, else ``data.task`` -> the seqio Tasks, mixtures expanded, in order."""
+  names = [n for item in (config.eval.get('tasks') or ()) for n in str(item).split(',') if n]
+  names = names or [config.data.get('eval_task') or config.data.task]
+  out = {}
+  for name in names:
+    t = seqio.get_mixture_or_task(name)
+    for sub in (t.tasks if isinstance(t, seqio.Mixture) else [t]):
+      out.setdefault(sub.name, sub)
+  return list(out.values())
+
+
+def _text(x) -> str:
+  return x.decode('utf-8') if isinstance(x, bytes) else str(x)
+
+
+def _postprocess_prediction(task: Any, text: str) -> Any:
+  """A decoded prediction as the task scores it (its postprocess_fn, as seqio applies it)."""
+  return task.postprocess_fn(text, example=None, is_target=False) if task.postprocess_fn \
+      else text
+
+
 class SeqioSource:
   """``train_batches`` / ``eval_batches`` / ``decode_text`` over a seqio Task or Mixture."""
 
@@ -106,7 +132,8 @@ class SeqioSource:
     self.config = config
     self.lengths = {'inputs': int(d.text_len), 'targets': int(d.target_len)}
     self.train_task = seqio.get_mixture_or_task(d.task)
-    self.eval_task = seqio.get_mixture_or_task(d.get('eval_task') or d.task)
+    self.eval_seqio_tasks = _eval_seqio_tasks(config)
+    self._eval_by_name = {t.name: t for t in self.eval_seqio_tasks}
     multimodal = 'image' in self.train_task.output_features
     # A per-task adapter bank needs each example's task id, text tasks included.
     task_ids = multimodal or int(config.peft.get('num_tasks', 1)) > 1
@@ -225,7 +252,7 @@ class SeqioSource:
         rows = np.flatnonzero(window['_ok'])[:size - got]
         picks.append((window, rows))
         got += len(rows)
-        if got < size and len(picks) * size > self._scan_limit():
+        if got < size and len(picks) * size > self.scan_limit:
           raise no_examples_error(task, self.train_split, (
               f'batch of {size} examples (batch {k}: the {len(picks) * size} examples from '
               f'stream position {k * size} on have {got} readable images)'))
@@ -235,13 +262,12 @@ class SeqioSource:
       else:
         yield {n: np.concatenate([w[n][r] for w, r in picks]) for n in window if n != '_ok'}
 
-  def _scan_limit(self) -> int:
+  @functools.cached_property
+  def scan_limit(self) -> int:
     """Positions one batch may scan for readable images before the data counts as unreadable:
-    two epochs of every training task (an epoch boundary reshuffles)."""
-    if not hasattr(self, '_limit'):
-      self._limit = 2 * sum(t.source.num_input_examples(self.train_split)
-                            for t, _ in self._train_tasks()) + self.local_batch
-    return self._limit
+    two epochs of every training task (an epoch boundary reshuffles); read when first needed."""
+    return 2 * sum(t.source.num_input_examples(self.train_split)
+                   for t, _ in self._train_tasks()) + self.local_batch
 
   def _nonempty(self, batches: Iterator[dict], task: str, split: str) -> Iterator[dict]:
     """``batches``, but raising :func:`no_examples_error` if there is not even one."""
@@ -252,15 +278,20 @@ class SeqioSource:
     if not any_batch:
       raise no_examples_error(task, split, f'batch of {self.local_batch} examples')
 
-  def eval_batches(self, num_batches: int) -> Iterator[dict]:
-    """Eval examples in file order with their reference strings (``answers``) and prompts."""
+  def eval_tasks(self) -> list[evaluation.EvalTask]:
+    """Each eval task with its own postprocessor and metric functions (see tasks/*.py)."""
+    return [evaluation.EvalTask(t.name, functools.partial(_postprocess_prediction, t),
+                                tuple(t.metric_fns)) for t in self.eval_seqio_tasks]
+
+  def eval_batches(self, num_batches: int, task: str) -> Iterator[dict]:
+    """One eval task's examples in file order, with ``targets`` postprocessed by the task
+    (e.g. all human answers, a GLUE class id) and the decoded ``prompts``."""
     d = self.config.data
-    raw = self.eval_task.get_dataset(self.lengths, split=d.get('eval_split', 'validation'),
-                                     shuffle=False, num_epochs=1, shard_info=self.shard,
-                                     use_cached=False)
-    # Multimodal tasks carry every reference in 'answers'; text tasks have one target string.
-    ref_key = 'answers' if 'answers' in raw.element_spec else 'targets_pretokenized'
-    refs = raw.map(lambda ex: {'answers': tf.reshape(ex[ref_key], [-1]), 'inputs': ex['inputs']})
+    t = self._eval_by_name[task]
+    raw = t.get_dataset(self.lengths, split=d.get('eval_split', 'validation'), shuffle=False,
+                        num_epochs=1, shard_info=self.shard, use_cached=False)
+    keep = [k for k in ('answers', 'targets_pretokenized', 'inputs') if k in raw.element_spec]
+    refs = raw.map(lambda ex: {k: ex[k] for k in keep})
     model = self.eval_converter(raw, self.lengths)
     batches = 0
     rows, ref_rows = [], []
@@ -268,23 +299,24 @@ class SeqioSource:
       rows.append(ex)
       ref_rows.append(ref)
       if len(rows) == self.local_batch:
-        yield self._eval_batch(rows, ref_rows)
+        yield self._eval_batch(t, rows, ref_rows)
         rows, ref_rows = [], []
         batches += 1
         if num_batches and batches >= num_batches:
           return
     if rows:  # the last, partial batch: padded, with 'valid' marking the real rows
-      yield self._eval_batch(rows, ref_rows)
+      yield self._eval_batch(t, rows, ref_rows)
     elif not batches:
-      raise no_examples_error(d.get('eval_task') or d.task, d.get('eval_split', 'validation'),
-                              'example')
+      raise no_examples_error(task, d.get('eval_split', 'validation'), 'example')
 
-  def _eval_batch(self, rows, ref_rows) -> dict:
+  def _eval_batch(self, task, rows, ref_rows) -> dict:
     n = len(rows)
     pad = self.local_batch - n
     batch = {k: np.stack([r[k] for r in rows] + [rows[-1][k]] * pad)
              for k in rows[0] if k in _MODEL_KEYS}
-    batch['answers'] = [[a.decode('utf-8') for a in r['answers']] for r in ref_rows] + [[]] * pad
+    post = task.postprocess_fn or (lambda x, example=None, is_target=False: _text(x))
+    batch['targets'] = [post(r['targets_pretokenized'], example=r, is_target=True)
+                        for r in ref_rows] + [None] * pad
     batch['prompts'] = [self.vocab.decode(r['inputs'].tolist()) for r in ref_rows] + [''] * pad
     batch['valid'] = np.arange(self.local_batch) < n
     return batch

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from adalink_jax import checkpointing
 from adalink_jax import decoding
+from adalink_jax import evaluation
 from adalink_jax import input_pipeline
 from adalink_jax import logs
 from adalink_jax import model_builder
@@ -161,10 +162,10 @@ class Trainer:
               for k in keys}
     n = len(next(iter(like.values())))
     pad = {k: np.zeros_like(v) for k, v in like.items()}
-    return dict(pad, valid=np.zeros((n,), bool), answers=[[]] * n, prompts=[''] * n)
+    return dict(pad, valid=np.zeros((n,), bool), targets=[None] * n, prompts=[''] * n)
 
-  def _eval_rows(self, params: dict) -> tuple[list, list, list]:
-    """(predictions, references, prompts) of the eval split, valid rows, every host's.
+  def _eval_rows(self, params: dict, task: str) -> tuple[list, list, list]:
+    """(predictions, targets, prompts) of one eval task, valid rows, every host's.
 
     Every host runs the same number of batches -- a host whose shard ran out feeds padding,
     masked out of the metric -- so the collectives inside ``predict`` cannot hang; the decoded
@@ -172,7 +173,7 @@ class Trainer:
     """
     predict = self._predictor()
     spec = partitioning.batch_sharding(self.mesh, 2).spec
-    batches = iter(self.source.eval_batches(int(self.config.eval.num_batches)))
+    batches = iter(self.source.eval_batches(int(self.config.eval.num_batches), task))
     rows, template = [], None
     while True:
       local = next(batches, None)
@@ -182,30 +183,58 @@ class Trainer:
         local = self._padding_batch(template)
       model_inputs = {k: v for k, v in local.items() if k in _ENCODE_KEYS}
       template = template or model_inputs
-      n = len(local['answers'])
+      n = len(local['targets'])
       valid = local.get('valid', np.ones((n,), bool))
       tokens = predict(params, self.to_global(model_inputs))
       tokens = np.asarray(multihost_utils.global_array_to_host_local_array(tokens, self.mesh, spec))
       prompts = local.get('prompts', [''] * n)
-      rows += [(self.source.decode_text(tokens[i]), local['answers'][i], prompts[i])
+      rows += [(self.source.decode_text(tokens[i]), _jsonable(local['targets'][i]), prompts[i])
                for i in range(n) if valid[i]]
     rows = input_pipeline.gather_strings(rows)
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
   def evaluate(self, trainable: dict, frozen: dict, step: int, write: bool = True) -> dict:
-    """Decodes the eval split, computes the task metric, writes predictions and metrics."""
+    """Decodes every eval task, scores each by its own rules, writes predictions and metrics.
+
+    Returns flat metrics (:func:`evaluation.flatten`): ``<task>/<metric>``, plus the bare
+    metric names with one task or ``average`` with several.
+    """
+    per_task, outputs = {}, {}
+    params = peft_methods.merge(trainable, frozen)
     with self.mesh:
-      predictions, references, prompts = self._eval_rows(peft_methods.merge(trainable, frozen))
-    metrics = input_pipeline.compute_metrics(self.config.eval.metric, predictions, references)
+      for task in self.source.eval_tasks():
+        predictions, targets, prompts = self._eval_rows(params, task.name)
+        per_task[task.name] = evaluation.score(task, predictions, targets)
+        outputs[task.name] = (predictions, targets, prompts)
+    metrics = evaluation.flatten(per_task)
     if write and jax.process_index() == 0:
       out = os.path.join(self.workdir, 'eval')
       os.makedirs(out, exist_ok=True)
-      with open(os.path.join(out, f'predictions_{step}.jsonl'), 'w', encoding='utf-8') as f:
-        for p, r, q in zip(predictions, references, prompts):
-          f.write(json.dumps({'prompt': q, 'prediction': p, 'references': r}) + '\n')
+      several = len(outputs) > 1
+      for name, (predictions, targets, prompts) in outputs.items():
+        path = os.path.join(out, f'predictions_{step}' + (f'_{name}' if several else '') +
+                            '.jsonl')
+        with open(path, 'w', encoding='utf-8') as f:
+          for p, r, q in zip(predictions, targets, prompts):
+            f.write(json.dumps({'prompt': q, 'prediction': p, 'references': r}) + '\n')
       with open(os.path.join(out, f'metrics_{step}.json'), 'w', encoding='utf-8') as f:
-        json.dump({'step': step, 'num_examples': len(predictions), **metrics}, f, indent=1)
+        json.dump({'step': step, 'num_examples': sum(len(o[0]) for o in outputs.values()),
+                   **({'num_examples_per_task': {k: len(o[0]) for k, o in outputs.items()}}
+                      if several else {}), **metrics}, f, indent=1)
     return metrics
+
+
+def _jsonable(x: Any) -> Any:
+  """numpy scalars / arrays / bytes in targets -> JSON types (they are gathered as JSON)."""
+  if isinstance(x, bytes):
+    return x.decode('utf-8')
+  if isinstance(x, np.ndarray):
+    return [_jsonable(v) for v in x.tolist()]
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
 
 
 _ENCODE_KEYS = ('encoder_input_tokens', 'image', 'task_id')
@@ -397,6 +426,7 @@ def _train(config: Any, workdir: str, preempt: preemption.Preemption) -> tuple[d
         log.warning('SIGTERM: every process saved step %d; exiting', step)
         result['preempted_at'] = step
         break
+  batches.close()  # an open tf.data iterator can hang the interpreter's exit
   ckpt.wait()
   ckpt.close()
   writer.close()

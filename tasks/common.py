@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -113,6 +114,19 @@ EXAMPLE_SIGNATURE = {
     'answers': tf.TensorSpec([None], tf.string),
     'is_training': tf.TensorSpec([], tf.bool),
 }
+# A training *stream* (``source.stream``: endless, example ``i`` a pure function of the seed and
+# of ``i``) adds ``_ok`` (False once the example's image proved unreadable; kept in place so
+# positions stay aligned) and ``_seed`` (int64 [2], the example's own stateless seed for random
+# preprocessing such as prompt sampling: ``[key of source/split/seed, stream position]``).
+STREAM_SIGNATURE = {**EXAMPLE_SIGNATURE, '_ok': tf.TensorSpec([], tf.bool),
+                    '_seed': tf.TensorSpec([2], tf.int64)}
+RECORD_SHUFFLE_BUFFER = 1000  # records (not decoded images) shuffled by a TFDS stream
+
+
+def stream_key(name: str, split: str, seed: int) -> int:
+  """First word of every ``_seed`` of a stream: distinct per source, split and config seed."""
+  digest = hashlib.blake2b(f'{name}/{split}/{int(seed)}'.encode(), digest_size=7).digest()
+  return int.from_bytes(digest, 'little')  # < 2**56: a non-negative int64
 
 
 def record(image_path: str, id_: Any, question: str, target: str,
@@ -144,7 +158,8 @@ class JsonImageSource(seqio.FunctionDataSource):
   first requested) and returns :func:`record` dicts; they are kept in memory per split and
   data folder. The source shuffles the whole record list per epoch (seeded: epoch ``e`` of
   seed ``s`` always gives the same order) and shards by example index, so every host reads
-  only its own images.
+  only its own images. :meth:`stream` is the training form: endless and index-addressable
+  (it starts at any position without producing the ones before).
   """
 
   def __init__(self, name: str, records_fn: Callable[[str], list[dict]],
@@ -152,6 +167,7 @@ class JsonImageSource(seqio.FunctionDataSource):
     self._name = name
     self._records_fn = records_fn
     self._cache: dict[tuple, list[dict]] = {}
+    self._reads: dict[str, dict] = {}
     super().__init__(dataset_fn=self._dataset_fn, splits=splits)
 
   @property
@@ -175,12 +191,31 @@ class JsonImageSource(seqio.FunctionDataSource):
   def num_input_examples(self, split: str) -> int:
     return len(self.records(split))
 
+  def read_stats(self, split: str) -> dict:
+    """Records this source has handed out for ``split`` since :meth:`reset_read_stats`:
+    ``{'examples': n, 'lowest_position': lowest stream position (None: only epoch datasets)}``."""
+    return dict(self._reads.get(split, {'examples': 0, 'lowest_position': None}))
+
+  def reset_read_stats(self) -> None:
+    self._reads.clear()
+
+  def _count_read(self, split: str, position: Optional[int] = None) -> None:
+    stats = self._reads.setdefault(split, {'examples': 0, 'lowest_position': None})
+    stats['examples'] += 1
+    if position is not None and (stats['lowest_position'] is None
+                                 or position < stats['lowest_position']):
+      stats['lowest_position'] = position
+
+  def _shard_index(self, split: str, shard_info: Optional[seqio.ShardInfo]) -> np.ndarray:
+    index = np.arange(len(self.records(split)))
+    if shard_info and shard_info.num_shards > 1:
+      index = index[shard_info.index::shard_info.num_shards]
+    return index
+
   def _dataset_fn(self, split: str, shuffle_files: bool, seed: Optional[int] = None,
                   shard_info: Optional[seqio.ShardInfo] = None) -> tf.data.Dataset:
     records = self.records(split)
-    index = np.arange(len(records))
-    if shard_info and shard_info.num_shards > 1:
-      index = index[shard_info.index::shard_info.num_shards]
+    index = self._shard_index(split, shard_info)
     is_training = split == TRAIN
     epochs = itertools.count()
 
@@ -191,9 +226,40 @@ class JsonImageSource(seqio.FunctionDataSource):
         rng = np.random.default_rng(None if seed is None else [int(seed), next(epochs)])
         order = rng.permutation(index)
       for i in order:
+        self._count_read(split)
         yield {**records[i], 'is_training': is_training}
 
     return tf.data.Dataset.from_generator(generate, output_signature=EXAMPLE_SIGNATURE)
+
+  def stream(self, split: str, seed: int, shard_info: Optional[seqio.ShardInfo] = None,
+             start: int = 0) -> tf.data.Dataset:
+    """Endless examples of this host's shard from stream position ``start`` on.
+
+    Position ``p`` is example ``p % n`` of epoch ``p // n`` (``n`` records in the shard), whose
+    order is the seeded permutation of :meth:`get_dataset` (``default_rng([seed, epoch])``), so
+    starting at ``p`` costs one permutation, not ``p`` examples. Elements follow
+    ``STREAM_SIGNATURE``; the stream is empty if the shard is.
+    """
+    records = self.records(split)
+    index = self._shard_index(split, shard_info)
+    is_training = split == TRAIN
+    key = stream_key(self._name, split, seed)
+
+    def generate():
+      if not len(index):
+        return
+      epoch, offset = divmod(int(start), len(index))
+      position = int(start)
+      while True:
+        order = np.random.default_rng([int(seed), epoch]).permutation(index)
+        for i in order[offset:]:
+          self._count_read(split, position)
+          yield {**records[i], 'is_training': is_training, '_ok': True,
+                 '_seed': np.array([key, position], np.int64)}
+          position += 1
+        epoch, offset = epoch + 1, 0
+
+    return tf.data.Dataset.from_generator(generate, output_signature=STREAM_SIGNATURE)
 
   def get_dataset(self, split: str = TRAIN, shuffle: bool = True, seed: Optional[int] = None,
                   shard_info: Optional[seqio.ShardInfo] = None, *, sequence_length=None,
@@ -236,6 +302,25 @@ class TrainingFlagTfdsSource(seqio.TfdsDataSource):
     return ds.map(lambda ex: {**ex, 'is_training': tf.constant(training)},
                   num_parallel_calls=tf.data.AUTOTUNE)
 
+  def stream(self, split: str, seed: int, shard_info: Optional[seqio.ShardInfo] = None,
+             start: int = 0) -> tf.data.Dataset:
+    """Endless examples from stream position ``start`` on (``STREAM_SIGNATURE`` extras).
+
+    Not index-addressable: TFDS's record files are read in a seeded order, repeated and
+    shuffled over ``RECORD_SHUFFLE_BUFFER`` records, and ``start`` records are skipped. The
+    skip reads records (for COCO: JPEG bytes) but decodes and preprocesses nothing, so a
+    resume costs reading, not decoding, the examples before it.
+    """
+    if shard_info and len(self.list_shards(split)) < shard_info.num_shards:
+      ds = self.get_dataset(split, shuffle=True, seed=seed).shard(shard_info.num_shards,
+                                                                  shard_info.index)
+    else:
+      ds = self.get_dataset(split, shuffle=True, seed=seed, shard_info=shard_info)
+    ds = ds.repeat().shuffle(RECORD_SHUFFLE_BUFFER, seed=seed).enumerate().skip(int(start))
+    key = tf.constant(stream_key(self.tfds_dataset.name, split, seed), tf.int64)
+    return ds.map(lambda i, ex: {**ex, '_ok': tf.constant(True), '_seed': tf.stack([key, i])},
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
 
 # ---------------------------------------------------------------------------- preprocessors
 
@@ -245,24 +330,30 @@ def decode_images(dataset: tf.data.Dataset, dataset_name: str) -> tf.data.Datase
   configured size and scales it to [-1, 1] float32.
 
   The image comes from ``image_path`` (a file), ``image_encoded`` (bytes, e.g. TFDS with
-  skipped decoding; ``id`` names a bad one) or ``image`` (already decoded uint8).
+  skipped decoding; ``id`` names a bad one) or ``image`` (already decoded uint8). On a
+  training stream (examples carry ``_ok``) an unreadable example stays in place with
+  ``_ok=False`` and a blank image, so stream positions stay aligned for resuming; the batcher
+  (``SeqioSource.train_batches``) leaves it out.
   """
   size = data.config().image_size  # read when the pipeline is built, not at import
+
+  spec = dataset.element_spec
+  flagged = '_ok' in spec  # a training stream: keep the example in place, flagged
 
   def load(ex):
     ex = dict(ex)
     if 'image_path' in ex:
-      ex['image'], ex['_ok'] = data.load_image(ex.pop('image_path'), dataset_name)
+      image, ok = data.load_image(ex.pop('image_path'), dataset_name)
     else:
-      ex['image'], ex['_ok'] = data.decode_image(ex.pop('image_encoded'), ex['id'],
-                                                 dataset_name)
+      image, ok = data.decode_image(ex.pop('image_encoded'), ex['id'], dataset_name)
+    ex['image'], ex['_ok'] = image, (ex['_ok'] & ok) if flagged else ok
     return ex
 
-  spec = dataset.element_spec
   if 'image_path' in spec or 'image_encoded' in spec:
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.filter(lambda ex: ex['_ok'])
-    dataset = dataset.map(lambda ex: {k: v for k, v in ex.items() if k != '_ok'})
+    if not flagged:
+      dataset = dataset.filter(lambda ex: ex['_ok'])
+      dataset = dataset.map(lambda ex: {k: v for k, v in ex.items() if k != '_ok'})
 
   def resize(ex):
     return {**ex, 'image': data.preprocess_image(ex['image'], size)}
@@ -289,8 +380,9 @@ def format_prompts(dataset: tf.data.Dataset, *, templates: Sequence[str],
   """Writes ``inputs`` from ``templates`` (``{field}`` placeholders) and ``targets``.
 
   Training examples (``is_training``) use a template drawn with seqio's per-example
-  stateless seeds, so a fixed ``Task.get_dataset(seed=...)`` gives fixed prompts; every
-  other split always uses ``templates[0]``.
+  stateless seeds, so a fixed ``Task.get_dataset(seed=...)`` gives fixed prompts (on a
+  training stream the example's ``_seed``, a function of its position); every other split
+  always uses ``templates[0]``.
   """
   templates = list(templates)
   if not templates:
@@ -298,6 +390,8 @@ def format_prompts(dataset: tf.data.Dataset, *, templates: Sequence[str],
 
   @seqio.map_over_dataset(num_seeds=1)
   def fn(ex, seed):
+    if '_seed' in ex:  # a training stream: the example's own seed, the same after a resume
+      seed = ex['_seed']
     out = dict(ex)
     candidates = tf.stack([_format(t, ex) for t in templates])
     if len(templates) == 1:
@@ -377,8 +471,9 @@ def _cut(tokens: tf.Tensor, budget: int, head: Optional[tf.Tensor],
   head = tf.minimum(head, budget)
   tail = tokens[tf.size(tokens) - (budget - head):]
   is_start = tf.gather(starts, tail)
-  skip = tf.where(tf.reduce_any(is_start), tf.argmax(tf.cast(is_start, tf.int32)),
-                  tf.constant(0, tf.int64))
+  # tf.cond, not tf.where: argmax of an empty tail (the prompt prefix fills the budget) fails.
+  skip = tf.cond(tf.reduce_any(is_start), lambda: tf.argmax(tf.cast(is_start, tf.int32)),
+                 lambda: tf.constant(0, tf.int64))
   return tf.concat([tokens[:head], tail[tf.cast(skip, tf.int32):]], 0)
 
 

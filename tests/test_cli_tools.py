@@ -98,7 +98,9 @@ def sweep(add):
   rows = list(csv.DictReader(open(tmp_path / 's' / 'results.csv')))
   assert sorted(int(r['trainable_params']) for r in rows) == [512, 2048]
   assert all(0 <= float(r['eval_vqa_accuracy']) <= 100 for r in rows)
-  assert '| point |' in (tmp_path / 's' / 'results.md').read_text()
+  md = (tmp_path / 's' / 'results.md').read_text()  # the paper's layout: a row per method
+  assert md.startswith('| method | trainable params | demo (vqa_accuracy) |')
+  assert '| adalink r=2 | 512 |' in md and '| adalink r=8 | 2,048 |' in md
   assert (tmp_path / 's' / 'results.png').stat().st_size > 1000
 
 

@@ -12,12 +12,18 @@ import os
 import numpy as np
 import pytest
 import seqio
+import tensorflow_datasets as tfds
 
 from adalink_jax import config_lib
 from adalink_jax import data
 from adalink_jax import seqio_source
 from tests import test_tasks
 
+# pylint: disable=protected-access
+_write_image, _dump = test_tasks._write_image, test_tasks._dump
+_vqa_answers, _build_files, _train_vocab = (test_tasks._vqa_answers, test_tasks._build_files,
+                                            test_tasks._train_vocab)
+# pylint: enable=protected-access
 DIRS = ('coco', 'vqav2', 'okvqa', 'textvqa', 'textcaps', 'stvqa', 'docvqa')
 SUBSET = 'train2014'
 N_VQA = 15
@@ -35,28 +41,27 @@ def _write_vqav2_train(root):
       with open(path, 'wb') as f:
         f.write(b'\xff\xd8\xff\xe0 truncated jpeg')
     else:
-      test_tasks._write_image(path, path)  # pylint: disable=protected-access
+      _write_image(path, path)
     qid = image_id * 10
     questions.append({'image_id': image_id, 'question': f'what color is object {j}?',
                       'question_id': qid})
     annotations.append({'question_id': qid, 'image_id': image_id, 'question_type': 'what',
                         'answer_type': 'other', 'multiple_choice_answer': f'color {j}',
-                        'answers': test_tasks._vqa_answers(f'color {j}', 'blue')})  # pylint: disable=protected-access
+                        'answers': _vqa_answers(f'color {j}', 'blue')})
   vqa = os.path.join(root, 'vqav2')
-  test_tasks._dump(os.path.join(vqa, f'v2_OpenEnded_mscoco_{SUBSET}_questions.json'),  # pylint: disable=protected-access
-                   {'questions': questions})
-  test_tasks._dump(os.path.join(vqa, f'v2_mscoco_{SUBSET}_annotations.json'),  # pylint: disable=protected-access
-                   {'annotations': annotations})
+  _dump(os.path.join(vqa, f'v2_OpenEnded_mscoco_{SUBSET}_questions.json'),
+        {'questions': questions})
+  _dump(os.path.join(vqa, f'v2_mscoco_{SUBSET}_annotations.json'), {'annotations': annotations})
   return [q['question'] + ' color blue' for q in questions]
 
 
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('resume_o1'))
-  exp = test_tasks._build_files(root)  # pylint: disable=protected-access
+  exp = _build_files(root)
   texts = [e['question'] + ' ' + ' '.join(e['answers']) for b in exp.values()
            for rows in b.values() for e in rows] + _write_vqav2_train(root)
-  vocab = test_tasks._train_vocab(root, texts)  # pylint: disable=protected-access
+  vocab = _train_vocab(root, texts)
   before = data.config()
   yield {'root': root, 'vocab': vocab}
   data.set_data_dirs({k: None for k in DIRS})
@@ -113,6 +118,17 @@ def test_resumed_batches_equal_uninterrupted(files, task):
     prompts = {source.decode_text(b['encoder_input_tokens'][i]).split(' ')[0]
                for b in ref for i in range(BATCH)}
     assert len(prompts) >= 2, prompts
+
+
+def test_tfds_task_resumes_bit_exact(files):
+  """TFDS (GLUE, tfds's mock records): skips records before preprocessing, same batches."""
+  with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = _source(files, 'glue_rte_v002_mmit')
+    assert 'image' not in source.train_task.output_features and source.index_addressable()
+    ref = _take(source, 0, 10)  # 20 positions: five passes over the 4 mock examples
+    assert len({b['encoder_input_tokens'].tobytes() for b in ref}) > 2
+    for k in (1, 3, 6):
+      _assert_same(_take(source, k, 4), ref[k:k + 4], f'glue resumed at {k}')
 
 
 def test_starting_at_k_generates_nothing_before_it(files):

@@ -73,7 +73,7 @@ def test_multimodal_task_trains_and_evaluates(assets, files, tmp_path, task, met
 def test_glue_task_trains_and_evaluates(assets, files, tmp_path, monkeypatch, pack):  # noqa: F811
   monkeypatch.setattr(seqio.TfdsDataSource, 'num_input_examples', lambda self, split: 4)
   with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
-    c = _seqio_config(assets, files, 'glue_rte_v002_raw', 't5', 'exact_match')
+    c = _seqio_config(assets, files, 'glue_rte_v002_raw', 't5', 'accuracy')
     c.data.pack = pack  # packed rows: several examples per row, kept apart by segment ids
     if pack:
       c.data.text_len, c.data.target_len = 256, 24  # room for several examples per row
@@ -81,4 +81,4 @@ def test_glue_task_trains_and_evaluates(assets, files, tmp_path, monkeypatch, pa
       first = next(seqio_source.SeqioSource(c).train_batches(0))
       assert first['encoder_segment_ids'].max() >= 2  # really packed
     trainer.train(c, str(tmp_path))
-  _check(str(tmp_path), 'exact_match', 24)
+  _check(str(tmp_path), 'accuracy', 24)  # the task's own metric (T5's GLUE RTE: accuracy)
