@@ -89,7 +89,7 @@ def _config(vqa, coco='coco', **data_over):
 def _eval_rows(source):
   """Every eval row of the split (encoder tokens, target tokens, decoded prompt), file order."""
   rows = []
-  for b in source.eval_batches(0):
+  for b in source.eval_batches(0, source.eval_tasks()[0].name):
     for i in range(int(b['valid'].sum())):
       rows.append((b['encoder_input_tokens'][i].tolist(),
                    b['decoder_target_tokens'][i].tolist(), b['prompts'][i]))
@@ -184,7 +184,7 @@ def test_all_images_unreadable_names_dataset_count_and_folder(vqa):
                f"looked in '{os.path.join(bad, 'train2014')}'", f"data dir 'coco': '{bad}'"):
     assert part in msg, (part, msg)
   with pytest.raises(data.NoExamplesError) as e:
-    list(source.eval_batches(0))
+    list(source.eval_batches(0, source.eval_tasks()[0].name))
   msg = str(e.value)
   assert "split 'validation'" in msg and "dataset 'vqav2': 6 unreadable" in msg
   assert f"looked in '{bad}'" in msg  # train2014 and val2014 both hold skipped files
