@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import itertools
 import logging
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -210,27 +211,52 @@ class SeqioSource:
                        '(config.data.train_split)')
     return pairs
 
-  def _task_stream(self, task: Any, start: int) -> tf.data.Dataset:
-    """Model examples (plus ``_ok``) of one task from its stream position ``start`` on."""
+  def _host_rows(self) -> Optional[tuple[int, int, int]]:
+    """(global batch, first row, end row) of this host, when every host reads the *global*
+    stream and keeps its own rows of each batch: then the data of a step does not depend on
+    the number of processes (a run resumed on another pod size sees the same batches). Needs
+    sources that skip positions for free (JSON files); TFDS sources read per-host shards."""
+    if jax.process_count() == 1 or not all(
+        'positions' in inspect.signature(t.source.stream).parameters
+        for t, _ in self._train_tasks()):
+      return None
+    b = self.local_batch
+    return int(self.config.batch_size), jax.process_index() * b, (jax.process_index() + 1) * b
+
+  def _task_stream(self, task: Any, start: int, positions=None) -> tf.data.Dataset:
+    """Model examples (plus ``_ok``) of one task from its stream position ``start`` on (or at
+    ``positions()``, increasing)."""
     seed = int(self.config.seed)
-    ds = task.source.stream(self.train_split, seed=seed, shard_info=self.shard, start=start)
+    if positions is not None:
+      ds = task.source.stream(self.train_split, seed=seed, positions=positions)
+    else:
+      ds = task.source.stream(self.train_split, seed=seed, shard_info=self.shard, start=start)
     ds = task.preprocess_precache(ds, seed=seed)
     ds = task.preprocess_postcache(ds, sequence_length=self.lengths, seed=seed)
     ds = seqio.utils.trim_dataset(ds, self.lengths, task.output_features)
     return self.stream_converter(ds, self.lengths)
 
   def _windows(self, start: int) -> tf.data.Dataset:
-    """Batches of ``local_batch`` consecutive stream positions from ``start * local_batch``."""
-    first = start * self.local_batch
+    """Batches of ``local_batch`` stream positions: from ``start * local_batch`` of this
+    host's shard, or -- with :meth:`_host_rows` -- this host's rows of global batches from
+    ``start`` on."""
+    rows = self._host_rows()
+    first = start * (rows[0] if rows else self.local_batch)
     pairs = self._train_tasks()
+    seed = int(self.config.seed)
     if len(pairs) == 1:
-      ds = self._task_stream(pairs[0][0], first)
+      positions = (lambda: host_positions(first, rows)) if rows else None
+      ds = self._task_stream(pairs[0][0], first, positions)
     else:
       counts = mixture_counts([r for _, r in pairs])
       used = np.flatnonzero(counts)  # a task whose rate rounds to no slot is never read
-      choices, offsets = mixture_schedule(int(self.config.seed), counts[used], first)
-      ds = tf.data.Dataset.choose_from_datasets(
-          [self._task_stream(pairs[i][0], int(o)) for i, o in zip(used, offsets)], choices)
+      choices, offsets = mixture_schedule(seed, counts[used], first, rows)
+      streams = []
+      for j, (i, o) in enumerate(zip(used, offsets)):
+        positions = (functools.partial(mixture_task_positions, seed, counts[used], first, j,
+                                       rows) if rows else None)
+        streams.append(self._task_stream(pairs[i][0], int(o), positions))
+      ds = tf.data.Dataset.choose_from_datasets(streams, choices)
     return ds.batch(self.local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
   def _filled(self, windows: Iterator[dict], start: int) -> Iterator[dict]:
@@ -366,23 +392,61 @@ def block_tasks(seed: int, block_index: int, counts: np.ndarray) -> np.ndarray:
   return np.random.default_rng([int(seed), _MIX_STREAM, int(block_index)]).permutation(slots)
 
 
-def mixture_schedule(seed: int, counts: np.ndarray,
-                     first: int) -> tuple[tf.data.Dataset, np.ndarray]:
+def host_positions(first: int, rows: tuple[int, int, int]) -> Iterator[int]:
+  """Global positions from ``first`` on that fall in rows ``[lo, hi)`` of global batches of
+  ``period`` (``rows = (period, lo, hi)``), in order."""
+  period, lo, hi = rows
+  for p in itertools.count(int(first)):
+    if lo <= p % period < hi:
+      yield p
+
+
+def _scheduled(seed: int, counts: np.ndarray, first: int,
+               rows: Optional[tuple[int, int, int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Per mixture block from ``first``'s on: (task of each position, each position's rank in
+  its task), restricted to this host's rows when ``rows`` is given."""
+  block = int(counts.sum())
+  b, o = divmod(int(first), block)
+  while True:
+    tasks = block_tasks(seed, b, counts)
+    # Rank of each position among its task's positions of this block, plus earlier blocks.
+    rank = np.empty_like(tasks)
+    for t in range(len(counts)):
+      where = np.flatnonzero(tasks == t)
+      rank[where] = b * counts[t] + np.arange(len(where))
+    q = b * block + np.arange(block)
+    keep = q >= first
+    if rows is not None:
+      period, lo, hi = rows
+      keep &= (lo <= q % period) & (q % period < hi)
+    yield tasks[keep], rank[keep]
+    b += 1
+
+
+def mixture_task_positions(seed: int, counts: np.ndarray, first: int, task: int,
+                           rows: Optional[tuple[int, int, int]]) -> Iterator[int]:
+  """Task ``task``'s own stream positions at this host's mixture positions, in order."""
+  for tasks, rank in _scheduled(seed, counts, first, rows):
+    yield from rank[tasks == task].tolist()
+
+
+def mixture_schedule(seed: int, counts: np.ndarray, first: int,
+                     rows: Optional[tuple[int, int, int]] = None
+                     ) -> tuple[tf.data.Dataset, np.ndarray]:
   """(task index of every position from ``first`` on, each task's stream position there).
 
   Task ``t``'s ``r``-th position in the mixture is its own position ``r``, so at ``first``
   (block ``b``, offset ``o``) it stands at ``b * counts[t]`` plus its positions among the
-  first ``o`` of block ``b``: one block is computed, however large ``first`` is.
+  first ``o`` of block ``b``: one block is computed, however large ``first`` is. With
+  ``rows``, only this host's rows of each global batch (:func:`host_positions`).
   """
   block = int(counts.sum())
   b0, o0 = divmod(int(first), block)
   offsets = b0 * counts + np.bincount(block_tasks(seed, b0, counts)[:o0], minlength=len(counts))
 
   def generate():
-    b, o = b0, o0
-    while True:
-      yield block_tasks(seed, b, counts)[o:]
-      b, o = b + 1, 0
+    for tasks, _ in _scheduled(seed, counts, first, rows):
+      yield tasks
 
   choices = tf.data.Dataset.from_generator(
       generate, output_signature=tf.TensorSpec([None], tf.int64)).unbatch()

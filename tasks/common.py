@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import string
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -232,13 +232,16 @@ class JsonImageSource(seqio.FunctionDataSource):
     return tf.data.Dataset.from_generator(generate, output_signature=EXAMPLE_SIGNATURE)
 
   def stream(self, split: str, seed: int, shard_info: Optional[seqio.ShardInfo] = None,
-             start: int = 0) -> tf.data.Dataset:
+             start: int = 0, positions: Optional[Callable[[], Iterable[int]]] = None
+             ) -> tf.data.Dataset:
     """Endless examples of this host's shard from stream position ``start`` on.
 
     Position ``p`` is example ``p % n`` of epoch ``p // n`` (``n`` records in the shard), whose
     order is the seeded permutation of :meth:`get_dataset` (``default_rng([seed, epoch])``), so
-    starting at ``p`` costs one permutation, not ``p`` examples. Elements follow
-    ``STREAM_SIGNATURE``; the stream is empty if the shard is.
+    starting at ``p`` costs one permutation, not ``p`` examples. ``positions`` (a function
+    returning increasing positions) reads just those -- e.g. one host's rows of every global
+    batch -- skipping the others without touching them. Elements follow ``STREAM_SIGNATURE``;
+    the stream is empty if the shard is.
     """
     records = self.records(split)
     index = self._shard_index(split, shard_info)
@@ -248,16 +251,14 @@ class JsonImageSource(seqio.FunctionDataSource):
     def generate():
       if not len(index):
         return
-      epoch, offset = divmod(int(start), len(index))
-      position = int(start)
-      while True:
-        order = np.random.default_rng([int(seed), epoch]).permutation(index)
-        for i in order[offset:]:
-          self._count_read(split, position)
-          yield {**records[i], 'is_training': is_training, '_ok': True,
-                 '_seed': np.array([key, position], np.int64)}
-          position += 1
-        epoch, offset = epoch + 1, 0
+      epoch, order = None, None
+      for position in (positions() if positions else itertools.count(int(start))):
+        e, i = divmod(int(position), len(index))
+        if e != epoch:  # positions increase: one permutation per epoch reached
+          epoch, order = e, np.random.default_rng([int(seed), e]).permutation(index)
+        self._count_read(split, position)
+        yield {**records[order[i]], 'is_training': is_training, '_ok': True,
+               '_seed': np.array([key, position], np.int64)}
 
     return tf.data.Dataset.from_generator(generate, output_signature=STREAM_SIGNATURE)
 

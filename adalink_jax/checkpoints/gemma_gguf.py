@@ -122,10 +122,24 @@ def load_gguf_gemma(path: PathOrFile, *, dtype: Any = jnp.float32,
   tensors = gguf.read_gguf_tensors(f)
   embed = tensors.sources.get(_EMBED)
   check_vocab(f, cfg, None if embed is None else embed.shape[0])
+  _check_shardings(shardings, cfg)
   params = hf_gemma.params_from_hf(_StreamedTensors(tensors.sources), cfg)
   if shardings is not None:
     params = _place(params, shardings)
   return cfg, params
+
+
+def _check_shardings(shardings: Any, cfg: gemma.GemmaConfig) -> None:
+  """Refuses a shardings tree without exactly the params' paths (before anything is read)."""
+  if not isinstance(shardings, Mapping):
+    return
+  want = set(common.flatten(gemma.param_shapes(cfg)))
+  got = set(common.flatten(shardings))
+  if got != want:
+    missing, extra = sorted(want - got), sorted(got - want)
+    raise ValueError(f'load_gguf_gemma: the shardings tree does not match the params: no '
+                     f'sharding for {missing[:3]}, shardings for unknown {extra[:3]}; pass one '
+                     'Sharding, or a tree with exactly the paths of gemma.param_shapes(cfg)')
 
 
 def _place(params: dict[str, Any], shardings: Any) -> dict[str, Any]:
@@ -135,12 +149,7 @@ def _place(params: dict[str, Any], shardings: Any) -> dict[str, Any]:
   """
   flat = common.flatten(params)
   params.clear()  # the flat dict now holds the only references, so popping frees each leaf
-  flat_sh = common.flatten(shardings) if isinstance(shardings, dict) else None
-  if flat_sh is not None and set(flat_sh) != set(flat):
-    missing, extra = sorted(set(flat) - set(flat_sh)), sorted(set(flat_sh) - set(flat))
-    raise ValueError(f'load_gguf_gemma: the shardings tree does not match the params: no '
-                     f'sharding for {missing[:3]}, shardings for unknown {extra[:3]}; pass one '
-                     'Sharding, or a tree with exactly the paths of gemma.param_shapes(cfg)')
+  flat_sh = common.flatten(shardings) if isinstance(shardings, Mapping) else None
   out = {}
   for name in sorted(flat):
     out[name] = jax.device_put(flat.pop(name), shardings if flat_sh is None else flat_sh[name])

@@ -3,8 +3,8 @@
 Two formats, each read one array at a time into its sharding (:func:`streaming.place_all`):
 
 HF ``PaliGemmaForConditionalGeneration.save_pretrained`` (safetensors):
-  ``[model.]vision_tower.vision_model.*`` -> ``img/...``  (:mod:`hf_vision`'s SigLIP table)
-  ``[model.]multi_modal_projector.linear.{weight [d, w], bias}`` -> ``img_proj/{kernel [w, d], bias}``
+  ``[model.]vision_tower.[vision_model.]*`` -> ``img/...``  (:mod:`hf_vision`'s SigLIP table)
+  ``[model.]multi_modal_projector.linear.{weight [d, w], bias}`` -> ``img_proj/{kernel, bias}``
   ``model.language_model.*`` / ``language_model.model.*`` -> ``llm/...`` (:mod:`hf_gemma`'s table)
 
 big_vision PaliGemma ``.npz`` (root ``''``, ``params/`` or ``opt/target/``), the names
@@ -25,7 +25,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 import jax
 
@@ -96,8 +96,9 @@ def hf_llm_sources(tensors: Mapping[str, ArraySource], cfg) -> tuple[dict, dict,
       except (TypeError, ValueError):
         unexpected.append(f'{name} {src.shape} (does not fit {path} of the config)')
         continue
-      mapped[ours] = (src if fn is None else
-                      hf_vision._Converted([src], fn, out.shape, out.dtype, f'{name} -> {ours}'))  # pylint: disable=protected-access
+      convert = hf_vision._Converted  # pylint: disable=protected-access
+      mapped[ours] = src if fn is None else convert([src], fn, out.shape, out.dtype,
+                                                    f'{name} -> {ours}')
     else:
       unexpected.append(name)
   return mapped, notes, unexpected

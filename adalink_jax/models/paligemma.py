@@ -231,9 +231,9 @@ class PaliGemma(nn.Module):
     _check_prefix_len(prefix_len, x.shape[0])
     positions = one_based_positions(mask) if positions is None else positions
     slots = jnp.arange(x.shape[1])
+    masks = self._masks(mask, slots, slots, prefix_len)
     # Gemma's own masks cannot express HF's window-spares-prefix rule; see module docstring.
-    h, _ = self.llm._blocks(x, positions, self._masks(mask, slots, slots, prefix_len),  # pylint: disable=protected-access
-                            None, None)
+    h, _ = self.llm._blocks(x, positions, masks, None, None)  # pylint: disable=protected-access
     return self.llm._logits(h)  # pylint: disable=protected-access
 
   def __call__(self, images: jax.Array, tokens: jax.Array, prefix_len: jax.Array,
