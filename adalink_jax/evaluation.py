@@ -14,6 +14,7 @@ tasks, whose MNLI matched/mismatched count as one task).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -44,8 +45,10 @@ def score(task: EvalTask, predictions: Sequence[str], targets: Sequence[Any]) ->
 def average(per_task: Mapping[str, Mapping[str, float]]) -> float:
   """Mean over tasks of each task's mean metric (GLUE tasks by T5's rule)."""
   from adalink_jax import metrics  # pylint: disable=g-import-not-at-top
-  glue = {k: v for k, v in per_task.items() if k.startswith('glue_')}
-  rest = [float(np.mean(list(v.values()))) for k, v in per_task.items() if k not in glue and v]
+  # Our GLUE task names carry the prompt style: glue_mrpc_v002_raw -> glue_mrpc_v002.
+  glue = {re.sub(r'_(raw|mmit)$', '', k): v for k, v in per_task.items() if k.startswith('glue_')}
+  rest = [float(np.mean(list(v.values()))) for k, v in per_task.items()
+          if not k.startswith('glue_') and v]
   if glue:
     # MNLI matched + mismatched are one GLUE task; the GLUE score then counts once.
     return float(np.mean(rest + [metrics.glue_average(glue)])) if rest else \

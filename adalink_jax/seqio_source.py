@@ -106,11 +106,19 @@ def _eval_seqio_tasks(config: Any) -> list:
   ``data.eval_task``, else ``data.task`` -> the seqio Tasks, mixtures expanded, in order."""
   names = [n for item in (config.eval.get('tasks') or ()) for n in str(item).split(',') if n]
   names = names or [config.data.get('eval_task') or config.data.task]
+  split = config.data.get('eval_split', 'validation')
   out = {}
   for name in names:
     t = seqio.get_mixture_or_task(name)
+    if not isinstance(t, seqio.Mixture) and split not in t.splits:
+      raise ValueError(f'eval task {name!r} has no {split!r} split (config.data.eval_split); '
+                       f'it has {list(t.splits)}')
+    # A mixture's train-only members (e.g. MNLI, evaluated as matched / mismatched) are skipped.
     for sub in (t.tasks if isinstance(t, seqio.Mixture) else [t]):
-      out.setdefault(sub.name, sub)
+      if split in sub.splits:
+        out.setdefault(sub.name, sub)
+  if not out:
+    raise ValueError(f'no task of {names} has a {split!r} split (config.data.eval_split)')
   return list(out.values())
 
 
@@ -341,7 +349,7 @@ class SeqioSource:
     batch = {k: np.stack([r[k] for r in rows] + [rows[-1][k]] * pad)
              for k in rows[0] if k in _MODEL_KEYS}
     post = task.postprocess_fn or (lambda x, example=None, is_target=False: _text(x))
-    batch['targets'] = [post(r['targets_pretokenized'], example=r, is_target=True)
+    batch['targets'] = [post(_text(r['targets_pretokenized']), example=r, is_target=True)
                         for r in ref_rows] + [None] * pad
     batch['prompts'] = [self.vocab.decode(r['inputs'].tolist()) for r in ref_rows] + [''] * pad
     batch['valid'] = np.arange(self.local_batch) < n

@@ -291,3 +291,16 @@ def test_evaluate_and_export_find_the_demo_backbone_and_evaluate_writes_apart(as
                       text=True, timeout=400)
   assert ex.returncode == 0, ex.stderr[-3000:]
   assert (tmp_path / 'adapter' / 'adapter.safetensors').exists()
+
+
+def test_eval_compiles_predict_once_and_warns_on_collapse(assets, tmp_path, caplog):  # noqa: F811
+  t = trainer.Trainer(tiny_config(assets), str(tmp_path))
+  trainable, frozen = t.init_params()
+  first = t.evaluate(trainable, frozen, 1)
+  second = t.evaluate(trainable, frozen, 2)
+  assert first == second and t._predict._cache_size() == 1  # pylint: disable=protected-access
+  with caplog.at_level(logging.WARNING):
+    trainer._warn_if_collapsed({'exact_match': 46.5}, {'exact_match': 0.0}, 7)  # pylint: disable=protected-access
+    trainer._warn_if_collapsed({'exact_match': 0.0}, {'exact_match': 0.0}, 8)  # pylint: disable=protected-access
+  assert 'eval exact_match collapsed from 46.5 to 0 at step 7' in caplog.text
+  assert 'step 8' not in caplog.text
