@@ -58,5 +58,12 @@ def test_palix_dry_run_reports_the_paper_count():
   frozen = int(next(l for l in out.splitlines() if l.startswith('frozen total')).split()[-1]
                .replace(',', ''))
   assert 50e9 < frozen < 60e9
-  assert "('fsdp', 'model')" in out or "'fsdp'" in out  # frozen weights are sharded
+  # Every frozen weight matrix is sharded over fsdp; the adapters are replicated.
+  plan = [l for l in out.split('sharding plan')[1].splitlines()
+          if l.startswith(('img/', 't5/', 'img_proj/', 'encoder_input_adapter/'))]
+  kernels = [l for l in plan if not l.startswith('encoder_input_adapter/')
+             and l.split()[0].rsplit('/', 1)[-1] in ('kernel', 'embedding')]
+  assert len(kernels) > 10 and all("'fsdp'" in l for l in kernels), kernels
+  adapters = [l for l in plan if l.startswith('encoder_input_adapter/')]
+  assert len(adapters) == 4 and all(l.rstrip().endswith('()') for l in adapters)
   assert 'optimizer_state' in out
