@@ -4,6 +4,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -14,6 +15,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from adalink_jax import peft
+from adalink_jax.peft import artifacts
 from adalink_jax.models import t5
 
 CFG = t5.t5_config('t5_1_1_tiny')
@@ -318,14 +320,26 @@ def test_adapter_artifact_round_trip_switching_and_refusal(tmp_path):
   assert card['modalities'] == ['text', 'image'] and card['num_tasks'] == 1
   assert card['base_model'] == 't5_1_1_tiny' and card['num_params'] == 2 * 2 * 4 * CFG.d_model
   assert card['base_hash'] == peft.base_hash(base) and len(card['base_hash']) == 64
-  # The hash depends on values only, not on the array type holding them, and follows the
-  # documented recipe: sha256 over sorted leaves of 'path|dtype|[shape]|' + little-endian bytes.
+  # The hash depends on values only, not on the array type holding them (it is computed on
+  # device, sharding-invariant: tests/test_fingerprint.py), and the card says which kind it is.
   assert peft.base_hash(jax.tree.map(np.array, base)) == card['base_hash']
+  assert card['base_hash_kind'] == artifacts.HASH_KIND
+  # Cards written before the kind existed hold the documented sha256 recipe over sorted leaves
+  # of 'path|dtype|[shape]|' + little-endian bytes; they are still checked against a base.
   recipe = hashlib.sha256()
   for path, leaf in sorted(traverse_util.flatten_dict(base, sep='/').items()):
     leaf = np.asarray(leaf)
     recipe.update(f'{path}|{leaf.dtype.name}|{list(leaf.shape)}|'.encode() + leaf.tobytes())
-  assert recipe.hexdigest() == card['base_hash']
+  assert recipe.hexdigest() == artifacts.legacy_base_hash(base)
+  old = dict(card, base_hash=recipe.hexdigest())
+  del old['base_hash_kind']
+  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / 'adapter_card.json').write_text(json.dumps(old))
+  shutil.copy(tmp_path / 'a' / 'adapter.safetensors', tmp_path / 'old')
+  peft.load_adapter(str(tmp_path / 'old'), base, template=init)
+  (tmp_path / 'old' / 'adapter_card.json').write_text(json.dumps(dict(old, base_hash='0' * 64)))
+  with pytest.raises(ValueError, match='different weights'):
+    peft.load_adapter(str(tmp_path / 'old'), base, template=init)
 
   # Switch tasks on the same base object: nothing about the base is reloaded.
   for name, tr in (('a', task_a), ('b', task_b)):
