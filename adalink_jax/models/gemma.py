@@ -561,18 +561,26 @@ def greedy_generate(model: Gemma, params: Any, tokens: jax.Array, mask: jax.Arra
   def run(variables, tokens, mask):
     x = model.apply(variables, tokens, method=Gemma.embed)
     logits, cache = model.apply(variables, x, mask, max_len=max_len, method=Gemma.prefill)
-    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def step(carry, _):
-      token, cache = carry
-      logits, cache = model.apply(variables, token, cache, method=Gemma.decode_step)
-      nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      return (nxt, cache), nxt
-
-    _, rest = jax.lax.scan(step, (first, cache), None, length=max_new_tokens - 1)
-    return jnp.concatenate([first[:, None], rest.T], axis=1)
+    return greedy_steps(lambda token, c: model.apply(variables, token, c,
+                                                    method=Gemma.decode_step),
+                        logits, cache, max_new_tokens)
 
   return run(variables, tokens, mask)
+
+
+def greedy_steps(decode_step, logits: jax.Array, cache: Any, max_new_tokens: int) -> jax.Array:
+  """Argmax of the prefill ``logits`` [b, vocab], then ``max_new_tokens - 1`` cached steps
+  ``decode_step(token, cache) -> (logits, cache)`` (a scan) -> tokens ``[b, max_new_tokens]``."""
+  first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def step(carry, _):
+    token, cache = carry
+    logits, cache = decode_step(token, cache)
+    nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return (nxt, cache), nxt
+
+  _, rest = jax.lax.scan(step, (first, cache), None, length=max_new_tokens - 1)
+  return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
 def param_shapes(config: GemmaConfig) -> Any:

@@ -301,16 +301,8 @@ def greedy_generate(model: PaliGemma, params: Any, images: jax.Array, tokens: ja
     inputs = model.apply(variables, images, tokens, text_mask, method=PaliGemma.embed)
     prefix_len = jnp.full((tokens.shape[0],), length, jnp.int32)
     logits, cache = model.apply(variables, inputs, prefix_len, max_len, method=PaliGemma.prefill)
-    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def step(carry, _):
-      token, cache = carry
-      logits, cache = model.apply(variables, token, cache, method=PaliGemma.decode_step)
-      nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      return (nxt, cache), nxt
-
-    _, rest = jax.lax.scan(step, (first, cache), None, length=max_new_tokens - 1)
-    return jnp.concatenate([first[:, None], rest.T], axis=1)
+    return gemma_lib.greedy_steps(lambda token, c: model.apply(
+        variables, token, c, method=PaliGemma.decode_step), logits, cache, max_new_tokens)
 
   return run(variables, images, tokens, text_mask)
 
