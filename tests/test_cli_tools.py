@@ -101,6 +101,18 @@ def sweep(add):
   md = (tmp_path / 's' / 'results.md').read_text()  # the paper's layout: a row per method
   assert md.startswith('| method | trainable params | demo (vqa_accuracy) |')
   assert '| adalink r=2 | 512 |' in md and '| adalink r=8 | 2,048 |' in md
+  # Eval-only: the trained points are evaluated again, without training, into sweep_eval/.
+  before = {p: (tmp_path / 's' / p / 'result.json').read_bytes()
+            for p in ('peft.method=adalink,peft.rank=2', 'peft.method=adalink,peft.rank=8')}
+  subprocess.run(base + ['--mode=eval'] + common, check=True, cwd=ROOT, capture_output=True,
+                 timeout=600)
+  for point, result in before.items():
+    assert (tmp_path / 's' / point / 'result.json').read_bytes() == result  # no training
+    ev = json.loads((tmp_path / 's' / point / 'sweep_eval' / 'eval' / 'metrics_4.json')
+                    .read_text())
+    row = next(r for r in csv.DictReader(open(tmp_path / 's' / 'results.csv'))
+               if r['point'] == point)
+    assert float(row['eval_vqa_accuracy']) == ev['vqa_accuracy']
   assert (tmp_path / 's' / 'results.png').stat().st_size > 1000
 
 
