@@ -197,11 +197,6 @@ def configure(*, tfds_data_dir: Optional[str] = None, vocab_path: Optional[str] 
   return config()
 
 
-def set_vocabulary(path: str, extra_ids: int = DEFAULT_EXTRA_IDS) -> None:
-  """Shorthand for ``configure(vocab_path=path, extra_ids=extra_ids)``."""
-  configure(vocab_path=path, extra_ids=extra_ids)
-
-
 def on_vocabulary_change(callback: Callable[[], None]) -> None:
   """Registers ``callback()`` to run after the vocabulary setting changes."""
   if callback not in _VOCAB_CALLBACKS:

@@ -1,13 +1,14 @@
 """The embedded demo: synthetic shapes, a tiny SentencePiece vocabulary and a tiny frozen backbone.
 
-Nothing is downloaded. ``make_assets(dir)`` writes, once:
+Nothing is downloaded. :func:`adalink_jax.demo_assets.ensure` writes, once, under the assets
+folder (:func:`default_assets_dir`):
   * ``spm.model`` -- a SentencePiece vocabulary trained on the demo's own sentences;
   * ``backbone/`` -- a tiny PaLI-style model (ViT + T5) pre-trained from scratch, with full
     fine-tuning, on *pre-training* prompts about rendered shapes ("caption en",
     "answer en color", "answer en shape").
 The demo task then asks *new* questions the backbone never saw ("what hue does the object
-have?", "which figure is drawn?") and AdaLink, training ~1% of the weights of this tiny model,
-teaches the frozen backbone to answer them. Data are rendered on the fly from a seed, so batch
+have?", "which figure is drawn?") and AdaLink, training a tiny share of this tiny model,
+teaches the frozen backbone to answer them (0.7% of its weights). Data are rendered on the fly from a seed, so batch
 ``k`` is always the same batch (exact resume for free).
 """
 from __future__ import annotations

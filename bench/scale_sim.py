@@ -46,10 +46,11 @@ def batch_constraints(mesh, global_batch: int):
   """A flax method interceptor pinning every module output ``[global_batch, ...]`` to the batch
   sharding (``data x fsdp`` on dim 0, the rest replicated).
 
-  Why: the model carries no activation sharding annotations, and with weights FSDP-sharded on
-  ``embed`` XLA's propagation may resolve the conflict by replicating the batch on every
-  device. t5x pins activations to ``('batch', 'length', 'embed')`` for the same reason; this
-  does it from outside the model, at every module boundary.
+  Why: the T5 blocks pin their ``[batch, length, embed]`` activations, but other module outputs
+  (ViT, adapters, projections) carry no annotation, and with weights FSDP-sharded on ``embed``
+  XLA's propagation may resolve the conflict by replicating the batch on every device. t5x pins
+  activations to ``('batch', 'length', 'embed')`` for the same reason; this does it from
+  outside the model, at every module boundary.
   """
 
   def pin(x):

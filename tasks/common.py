@@ -611,10 +611,3 @@ def clear_registrations() -> None:
   _REGISTERED_MIXTURES.clear()
   _REGISTERED_TASKS.clear()
 
-
-def registered_tasks() -> list[str]:
-  return list(_REGISTERED_TASKS)
-
-
-def registered_mixtures() -> list[str]:
-  return list(_REGISTERED_MIXTURES)
