@@ -7,9 +7,9 @@ folder (:func:`default_assets_dir`):
     fine-tuning, on *pre-training* prompts about rendered shapes ("caption en",
     "answer en color", "answer en shape").
 The demo task then asks *new* questions the backbone never saw ("what hue does the object
-have?", "which figure is drawn?") and AdaLink, training a tiny share of this tiny model,
-teaches the frozen backbone to answer them (0.7% of its weights). Data are rendered on the fly from a seed, so batch
-``k`` is always the same batch (exact resume for free).
+have?", "which figure is drawn?") and AdaLink, training 0.7% of the weights of this tiny
+model, teaches the frozen backbone to answer them. Data are rendered on the fly from a seed,
+so batch ``k`` is always the same batch (exact resume for free).
 """
 from __future__ import annotations
 
