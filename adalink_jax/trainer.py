@@ -264,10 +264,15 @@ def _checkpoint_meta(config, backbone: dict, step: int) -> dict:
           'model': {'family': config.model.family, 'name': config.model.name}}
 
 
+@jax.jit
+def _finite(leaves: list) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _all_finite(tree: Any) -> bool:
+  """Whether every float in ``tree`` is finite (one compiled reduction, reused every check)."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(
-      leaves)) if leaves else True
+  return bool(_finite(leaves)) if leaves else True
 
 
 def _bytes_held_here(tree: Any) -> tuple[int, int]:
