@@ -25,17 +25,6 @@ def _gguf_path(given: str) -> str:
   return str(assemble())
 
 
-def _left_padded(rows, pad_id):
-  """Token rows -> tokens, mask ``[b, longest]`` with the padding on the left."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  width = max(map(len, rows))
-  tokens = np.full((len(rows), width), pad_id, np.int32)
-  mask = np.zeros((len(rows), width), bool)
-  for i, r in enumerate(rows):
-    tokens[i, width - len(r):], mask[i, width - len(r):] = r, True
-  return tokens, mask
-
-
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--prompt', action='append', required=True, help='repeat for several prompts')
@@ -55,7 +44,7 @@ def main() -> int:
   loaded = time.perf_counter()
   # SentencePiece adds no BOS; Gemma was trained with it (HF's tokenizer prepends it too).
   rows = [[cfg.bos_id] + sp.encode(text) for text in args.prompt]
-  tokens, mask = _left_padded(rows, cfg.pad_id)
+  tokens, mask = gemma.left_padded(rows, cfg.pad_id)
   out = gemma.greedy_generate(gemma.Gemma(cfg), params, tokens, mask, args.max_new_tokens)
   out = out.tolist()
   done = time.perf_counter()

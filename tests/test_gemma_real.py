@@ -63,16 +63,6 @@ def _ids(real, text):
   return [real['cfg'].bos_id] + real['sp'].encode(text)
 
 
-def _left_padded(rows, pad_id):
-  """Token rows of different lengths -> tokens, mask ``[b, max_len]`` (padding on the left)."""
-  width = max(map(len, rows))
-  tokens = np.full((len(rows), width), pad_id, np.int32)
-  mask = np.zeros((len(rows), width), bool)
-  for i, r in enumerate(rows):
-    tokens[i, width - len(r):], mask[i, width - len(r):] = r, True
-  return tokens, mask
-
-
 def test_load_peak_memory_is_model_plus_one_tensor(real):
   if real['growth'] is None:
     pytest.skip('/proc/self/clear_refs is not writable here: cannot reset the RSS peak')
@@ -93,7 +83,7 @@ def test_load_peak_memory_is_model_plus_one_tensor(real):
 def test_next_token_logits_match_transformers(real):
   import torch  # pylint: disable=g-import-not-at-top
   rows = [_ids(real, t) for t in PLAIN]
-  tokens, mask = _left_padded(rows, real['cfg'].pad_id)
+  tokens, mask = gemma.left_padded(rows, real['cfg'].pad_id)
   model = gemma.Gemma(real['cfg'])
   ours = np.asarray(jax.jit(model.apply)({'params': real['params']}, tokens, mask=mask))
   worst = 0.0
@@ -114,7 +104,7 @@ def test_greedy_kv_cache_continuation_matches_hf_generate(real):
   prompts = list(GREEDY)
   rows = [_ids(real, t) for t in prompts]
   assert rows[0] == [2, 818, 7395, 5404, 573, 5122, 563]  # HF's ids, BOS included
-  tokens, mask = _left_padded(rows, real['cfg'].pad_id)
+  tokens, mask = gemma.left_padded(rows, real['cfg'].pad_id)
   ours = np.asarray(gemma.greedy_generate(gemma.Gemma(real['cfg']), real['params'], tokens, mask,
                                           NEW_TOKENS))
   for i, (prompt, r) in enumerate(zip(prompts, rows)):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -566,6 +566,17 @@ def greedy_generate(model: Gemma, params: Any, tokens: jax.Array, mask: jax.Arra
                         logits, cache, max_new_tokens)
 
   return run(variables, tokens, mask)
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Token rows of different lengths -> tokens, mask ``[b, longest]``, padding on the left (the
+  layout :func:`greedy_generate` and ``prefill`` expect)."""
+  width = max(map(len, rows))
+  tokens = np.full((len(rows), width), pad_id, np.int32)
+  mask = np.zeros((len(rows), width), bool)
+  for i, r in enumerate(rows):
+    tokens[i, width - len(r):], mask[i, width - len(r):] = r, True
+  return tokens, mask
 
 
 def greedy_steps(decode_step, logits: jax.Array, cache: Any, max_new_tokens: int) -> jax.Array:
