@@ -1,8 +1,15 @@
 """Train-state checkpoints with Orbax: trainable params, optimizer state and the step.
 
-The RNG of a step and its data are functions of the config and the step, so they need no
-saving. The frozen backbone is never re-saved: each checkpoint's JSON ``meta`` records the
-backbone's sources and content hash, and a resume against a different backbone is refused.
+What a step directory ``<step>/`` holds: ``state``, the pytree the trainer passes
+(``{'trainable': ..., 'opt_state': ...}``; the optimizer state carries the schedule's count),
+and ``meta``, a JSON dict the trainer composes (``trainer._checkpoint_meta``: the step, the
+frozen backbone's sources and content hash, the ``peft`` config block, the model family and
+name). Nothing else is saved, in particular neither an RNG state nor a data position: the RNG
+of step ``s`` is ``fold_in(seed, s)`` and its data is batch ``s`` of the deterministic input
+pipeline (computed directly for index-addressable tasks; TFDS tasks skip records, packed
+batches are replayed), both recomputed from the config and the step on resume. The frozen
+backbone is never re-saved: it is reloaded from ``config.init``, and a resume against a
+different backbone (other hash) is refused.
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it).
 
 Restore tells two failures apart, because they call for opposite actions:

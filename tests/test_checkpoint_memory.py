@@ -149,7 +149,7 @@ if mode.startswith('hf'):
   from adalink_jax.checkpoints import hf
   cfg, expected, shardings = spec_mod.hf_layout(mesh)
   # Warm-up: the same code paths on the small arrays (imports, file reads, device transfer).
-  warm = hf.safetensors_sources([hf._locate(root)[1][0]])
+  warm = hf.safetensors_sources([hf.locate(root)[1][0]])
   for n, src in warm.items():
     if len(src.shape) == 1:
       streaming.materialize(src, NamedSharding(mesh, P()), jnp.bfloat16)

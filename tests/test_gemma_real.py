@@ -71,8 +71,8 @@ def test_load_peak_memory_is_model_plus_one_tensor(real):
   assert model == gemma.param_count(real['cfg']) * 4 and largest == 262144 * 640 * 4
   mapped = os.path.getsize(real['path'])  # the memory-mapped quantised file joins the RSS
   # Below "model + largest tensor": dequantising the 640 MiB embedding whole (~2x temporaries)
-  # or holding it twice (params_from_hf looks it up twice) measured 2204 / ~1900 MiB here;
-  # streamed in row blocks with the last read reused: ~1256 MiB.
+  # or holding it twice (an earlier params_from_hf kept it while mapping the rest) measured
+  # 2204 / ~1900 MiB here; read once, in 16 MiB row blocks (gguf.GGUFTensorSource): ~1265 MiB.
   bound = model + mapped + 256 * MiB
   print(f'peak RSS growth while loading: {real["growth"] / MiB:.0f} MiB (params fp32 '
         f'{model / MiB:.0f} MiB, largest tensor {largest / MiB:.0f} MiB, file {mapped / MiB:.0f} '

@@ -41,13 +41,13 @@ def _train_spm(tmp_path):
 
 def _llama_cpp_vocab(sp):
   """Tokens, scores, types as llama.cpp's converter writes them for Gemma: user-defined pieces
-  spelled with real spaces, HF-special added tokens (here the chat markers) typed CONTROL."""
+  spelled with real spaces, <unk> and HF-special added tokens (here the chat markers) typed
+  CONTROL."""
   tokens, scores, types = [], [], []
   for i in range(sp.get_piece_size()):
     piece, kind = sp.id_to_piece(i), gguf.TokenType.NORMAL
-    if sp.is_unknown(i):
-      kind = gguf.TokenType.UNKNOWN
-    elif sp.is_control(i) or piece in ('<start_of_turn>', '<end_of_turn>'):
+    if sp.is_unknown(i) or sp.is_control(i) or piece in ('<start_of_turn>', '<end_of_turn>'):
+      # <unk> too: the released Gemma 3 270M GGUF types ids 0-4 (<pad> ... <mask>) CONTROL.
       kind = gguf.TokenType.CONTROL
     elif sp.is_byte(i):
       kind = gguf.TokenType.BYTE
@@ -239,6 +239,13 @@ def test_tokenizer_matches_spm_and_transformers(tiny, tmp_path):
     assert ours.decode(ids) == text
   assert ours.encode('<start_of_turn>') == [ours.piece_to_id('<start_of_turn>')]
   assert ours.encode('  ') == [ours.piece_to_id('\u2581\u2581')]
+  # The model file also works where seqio tokenizes: tf_text's op inside tf.data (it needs
+  # <unk> typed UNKNOWN, which llama.cpp types CONTROL).
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_text as tf_text  # pylint: disable=g-import-not-at-top
+  op = tf_text.SentencepieceTokenizer(model=model_file.read_bytes())
+  for text in ENCODE_CHECKS:
+    assert op.tokenize(tf.constant(text)).numpy().tolist() == ours.encode(text), text
   transformers = pytest.importorskip('transformers')
   hf = transformers.AutoTokenizer.from_pretrained(str(tiny['dir']), gguf_file=tiny['path'].name)
   for text in ENCODE_CHECKS:

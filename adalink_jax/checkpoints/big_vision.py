@@ -38,10 +38,9 @@ from typing import Any, Callable, Mapping, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from adalink_jax.checkpoints.common import (check_tree, flatten, missing_checkpoint_error,
-                                            unflatten)
+from adalink_jax.checkpoints.common import flatten, missing_checkpoint_error
 from adalink_jax.checkpoints.streaming import (ArraySource, LayerSlice, LazyNpzSource,
-                                               Stacked, normalize_index, place_all)
+                                               Stacked, normalize_index, place)
 
 log = logging.getLogger(__name__)
 
@@ -353,13 +352,10 @@ def load_big_vision_params(path: Any, expected: Mapping[str, Any], *,
   sources = npz_sources(file)
   root = _find_root(sources, submodel, file)
   ck = {n[len(root):]: s for n, s in sources.items() if n.startswith(root)}
-  exp_flat = flatten(expected)
-  wanted = {n: v for n, v in exp_flat.items() if skip is None or not skip(n)}
+  wanted = {n: v for n, v in flatten(expected).items() if skip is None or not skip(n)}
   _old_layout_fixes(ck, wanted)
   mapped, notes, unused = map_big_vision_to_model(ck, wanted)
   resample_pos_embedding(mapped, wanted, notes, f'{file} ({root}pos_embedding)')
-  check_tree(wanted, mapped, source=f'big_vision checkpoint {file} (tree "{root}")',
-             extra_unexpected=[root + n for n in unused], notes=notes)
-  out = {n: v for n, v in exp_flat.items() if n not in wanted}
-  out.update(place_all(mapped, exp_flat, shardings, dtype))
-  return unflatten(out)
+  return place(mapped, expected, shardings=shardings, dtype=dtype, skip=skip,
+               where=f'big_vision checkpoint {file} (tree "{root}")', notes=notes,
+               unexpected=[root + n for n in unused])

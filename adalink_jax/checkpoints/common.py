@@ -8,19 +8,24 @@ so a wrong config or a truncated file is diagnosed in one run.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 SEP = '/'
 _MAX_LISTED = 25  # names printed per category; the rest is counted
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  """Nested mappings -> ``{'a/b/c': leaf}``. Leaves are anything that is not a Mapping."""
+def flatten(tree: Mapping[str, Any], prefix: str = '',
+            is_leaf: Optional[Callable[[Any], bool]] = None) -> dict[str, Any]:
+  """Nested mappings -> ``{'a/b/c': leaf}``: the package's one flatten helper.
+
+  Leaves are anything that is not a Mapping, and Mappings for which ``is_leaf`` is true
+  (e.g. a TensorStore spec inside a T5X msgpack).
+  """
   flat = {}
   for key, value in tree.items():
     name = f'{prefix}{SEP}{key}' if prefix else str(key)
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, name))
+    if isinstance(value, Mapping) and not (is_leaf is not None and is_leaf(value)):
+      flat.update(flatten(value, name, is_leaf))
     else:
       flat[name] = value
   return flat

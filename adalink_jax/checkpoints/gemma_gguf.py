@@ -3,16 +3,17 @@
 Glue between the GGUF reader and the HF Gemma mapping, so a GGUF loads through exactly the code
 an HF checkpoint does::
 
-  gguf.config_from_gguf  -> hf_gemma.config_from_hf   (HF Gemma3TextConfig dict -> GemmaConfig)
-  gguf.read_gguf_tensors -> hf_gemma.params_from_hf   (lazy HF-named fp32 arrays -> our tree)
+  gguf.config_from_gguf  -> hf_gemma.config_from_hf       (HF Gemma3TextConfig dict -> GemmaConfig)
+  gguf.read_gguf_tensors -> hf_gemma.params_from_sources  (lazy HF-named fp32 tensors -> our tree,
+                                                           streaming.place: host or shardings)
   gguf.tokenizer_from_gguf                             (SentencePiece; adds no BOS: prepend
                                                         ``cfg.bos_id`` as HF's tokenizer does)
 
-Memory: ``read_gguf_tensors`` dequantises a tensor only when ``params_from_hf`` looks it up, and
-each one is cast to ``param_dtype`` at once, so the host peak is the tree in ``param_dtype`` plus
-fp32 transients of about one embedding (the largest tensor: 262144 x 640 fp32 = 640 MiB for Gemma 3
-270M), not a second fp32 copy of the model. With ``shardings`` the leaves are then placed one at a
-time and each host copy is dropped as soon as its device copy exists.
+Memory: a tensor is dequantised only when it is placed (in 16 MiB row blocks, and only the rows
+of each device's shard), and cast to ``param_dtype`` at once, so the host peak is the tree in
+``param_dtype`` (none of it with ``shardings``) plus fp32 transients of about one embedding (the
+largest tensor: 262144 x 640 fp32 = 640 MiB for Gemma 3 270M), never a second fp32 copy of the
+model. An ``lm_head.weight`` is compared with the embedding block by block.
 
 Open the file once (:class:`~adalink_jax.checkpoints.gguf.GGUFFile`, ~8 s of header parsing for
 Gemma 3's 262k-token vocabulary) and pass it to both functions.
@@ -20,56 +21,17 @@ Gemma 3's 262k-token vocabulary) and pass it to both functions.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from adalink_jax.checkpoints import common
 from adalink_jax.checkpoints import gguf
 from adalink_jax.checkpoints import hf_gemma
+from adalink_jax.checkpoints.streaming import ON_HOST
 from adalink_jax.models import gemma
 
 PathOrFile = Union[str, os.PathLike, gguf.GGUFFile]
 _EMBED = 'model.embed_tokens.weight'
-_BLOCK_BYTES = 16 << 20  # fp32 rows dequantised per read: bounds gguf's dequantize temporaries
-
-
-class _StreamedTensors(Mapping[str, np.ndarray]):
-  """HF name -> fp32 array, dequantised in row blocks into one preallocated array.
-
-  gguf's ``dequantize`` needs ~2x its output in temporaries (measured: 1.45 GiB peak for the
-  640 MiB embedding at once, 0.84 GiB in 16 MiB blocks), so rows are read a block at a time.
-  The last array read is kept and returned again for the same name: ``params_from_hf`` looks
-  the embedding up twice (to compare with an ``lm_head``), and a second dequantisation would
-  hold two 640 MiB copies at once.
-  """
-
-  def __init__(self, sources: Mapping[str, Any]):
-    self.sources = sources
-    self._last: tuple[Optional[str], Any] = (None, None)
-
-  def __getitem__(self, name: str) -> np.ndarray:
-    if self._last[0] == name:
-      return self._last[1]
-    self._last = (None, None)  # free the previous tensor before dequantising the next
-    src = self.sources[name]
-    if len(src.shape) < 2:
-      out = src.read()
-    else:
-      out = np.empty(src.shape, np.float32)
-      rows = max(1, _BLOCK_BYTES // (4 * int(np.prod(src.shape[1:]))))
-      for start in range(0, src.shape[0], rows):
-        out[start:start + rows] = src.read((slice(start, start + rows),))
-    self._last = (name, out)
-    return out
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self.sources)
-
-  def __len__(self) -> int:
-    return len(self.sources)
 
 
 def _open(path: PathOrFile) -> gguf.GGUFFile:
@@ -122,38 +84,10 @@ def load_gguf_gemma(path: PathOrFile, *, dtype: Any = jnp.float32,
   tensors = gguf.read_gguf_tensors(f)
   embed = tensors.sources.get(_EMBED)
   check_vocab(f, cfg, None if embed is None else embed.shape[0])
-  _check_shardings(shardings, cfg)
-  params = hf_gemma.params_from_hf(_StreamedTensors(tensors.sources), cfg)
-  if shardings is not None:
-    params = _place(params, shardings)
+  params = hf_gemma.params_from_sources(
+      tensors.sources, cfg, shardings=ON_HOST if shardings is None else shardings,
+      where=f'GGUF file {f.path!r}')
   return cfg, params
-
-
-def _check_shardings(shardings: Any, cfg: gemma.GemmaConfig) -> None:
-  """Refuses a shardings tree without exactly the params' paths (before anything is read)."""
-  if not isinstance(shardings, Mapping):
-    return
-  want = set(common.flatten(gemma.param_shapes(cfg)))
-  got = set(common.flatten(shardings))
-  if got != want:
-    missing, extra = sorted(want - got), sorted(got - want)
-    raise ValueError(f'load_gguf_gemma: the shardings tree does not match the params: no '
-                     f'sharding for {missing[:3]}, shardings for unknown {extra[:3]}; pass one '
-                     'Sharding, or a tree with exactly the paths of gemma.param_shapes(cfg)')
-
-
-def _place(params: dict[str, Any], shardings: Any) -> dict[str, Any]:
-  """Host tree -> ``jax.Array`` tree, one leaf at a time (each host copy freed once placed).
-
-  shardings: one ``Sharding`` for all leaves, or a tree with the params' structure.
-  """
-  flat = common.flatten(params)
-  params.clear()  # the flat dict now holds the only references, so popping frees each leaf
-  flat_sh = common.flatten(shardings) if isinstance(shardings, Mapping) else None
-  out = {}
-  for name in sorted(flat):
-    out[name] = jax.device_put(flat.pop(name), shardings if flat_sh is None else flat_sh[name])
-  return common.unflatten(out)
 
 
 def load_gguf_tokenizer(path: PathOrFile, cfg: Optional[gemma.GemmaConfig] = None,

@@ -51,6 +51,7 @@ _LAYER_NAMES = {
     'ffn_norm': 'pre_feedforward_layernorm', 'post_ffw_norm': 'post_feedforward_layernorm',
     'ffn_gate': 'mlp.gate_proj', 'ffn_up': 'mlp.up_proj', 'ffn_down': 'mlp.down_proj',
 }
+_BLOCK_BYTES = 16 << 20  # fp32 rows dequantised per step of a read: bounds dequantize's temporaries
 _REQUIRED = object()  # GGUFFile.field: no default, the key must be there
 _LAYER_RE = re.compile(r'blk\.(\d+)\.([a-z_]+)\.weight')
 
@@ -158,11 +159,24 @@ class GGUFTensorSource(ArraySource):
     return self._tensor.tensor_type.name
 
   def read(self, index: Sequence[Any] = ()) -> np.ndarray:
-    from gguf import GGMLQuantizationType, dequantize  # pylint: disable=g-import-not-at-top
     index = normalize_index(index, self.shape)
-    raw, qtype = self._tensor.data, self._tensor.tensor_type
-    if len(self.shape) >= 2:  # raw is [*shape[:-1], bytes per row]: slicing rows is exact
-      raw, index = raw[index[0]], (slice(None),) + index[1:]
+    if len(self.shape) < 2:
+      return self._dequantize(self._tensor.data, index)
+    # raw is [*shape[:-1], bytes per row]: slicing rows is exact. gguf's dequantize needs ~2x
+    # its output in temporaries (1.45 GiB peak for Gemma 3's 640 MiB embedding at once, 0.84 GiB
+    # in 16 MiB blocks), so rows are dequantised a block at a time into the output.
+    rows = index[0]
+    out = np.empty(tuple(s.stop - s.start for s in index), np.float32)
+    step = max(1, _BLOCK_BYTES // (4 * int(np.prod(self.shape[1:], dtype=np.int64))))
+    for r0 in range(rows.start, rows.stop, step):
+      r1 = min(rows.stop, r0 + step)
+      out[r0 - rows.start:r1 - rows.start] = self._dequantize(
+          self._tensor.data[r0:r1], (slice(None),) + index[1:])
+    return out
+
+  def _dequantize(self, raw: np.ndarray, index: tuple) -> np.ndarray:
+    from gguf import GGMLQuantizationType, dequantize  # pylint: disable=g-import-not-at-top
+    qtype = self._tensor.tensor_type
     try:
       out = dequantize(raw, qtype)[index]
     except NotImplementedError as e:
@@ -287,7 +301,11 @@ def sentencepiece_proto_from_gguf(path: Union[str, os.PathLike, GGUFFile]) -> An
   keep_control = {ids['padding_token_id'], ids['eos_token_id'], ids['bos_token_id']} - {None}
   proto = pb.ModelProto()
   for i, (text, score, kind_id) in enumerate(zip(tokens, scores, types)):
-    if kind_id == pb.ModelProto.SentencePiece.CONTROL and i not in keep_control:
+    if i == ids['unknown_token_id']:
+      # llama.cpp types <unk> CONTROL; SentencePiece needs its one UNKNOWN piece (the Python
+      # processor tolerates its absence, tf_text's op -- seqio's pipelines -- refuses the model).
+      kind_id = pb.ModelProto.SentencePiece.UNKNOWN
+    elif kind_id == pb.ModelProto.SentencePiece.CONTROL and i not in keep_control:
       kind_id = pb.ModelProto.SentencePiece.USER_DEFINED
     if kind_id == pb.ModelProto.SentencePiece.USER_DEFINED:
       text = text.replace(' ', '\u2581')

@@ -1,10 +1,12 @@
 """Hugging Face Gemma / Gemma 2 / Gemma 3 text weights -> :mod:`adalink_jax.models.gemma` params.
 
-Three layers, so other readers can reuse the middle one:
+Layers, so other readers reuse the middle ones:
   :func:`config_from_hf`: an HF ``config.json`` dict (``gemma``, ``gemma2``, ``gemma3_text``, or
     the ``text_config`` of ``gemma3`` / ``paligemma``) -> :class:`GemmaConfig`.
-  :func:`params_from_hf`: ``{HF tensor name: numpy array}`` -> our parameter tree (a pure
-    function of the mapping: the GGUF reader produces HF-named arrays and calls it too).
+  :func:`llm_sources`: ``{HF tensor name: ArraySource}`` -> ``{our name: ArraySource}`` (PaliGemma's
+    HF reader uses it for its decoder); :func:`params_from_sources` places them
+    (:func:`streaming.place`: numpy on the host, or streamed into shardings). The GGUF reader
+    produces HF-named sources and calls it too; :func:`params_from_hf` takes numpy arrays.
   :func:`load_hf_gemma`: a ``save_pretrained`` directory (safetensors) -> (config, params).
 
 Names (``P`` is ``model.``, ``model.language_model.`` or ``language_model.model.``; torch Linear
@@ -30,14 +32,16 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
 from typing import Any, Mapping, Optional, Union
 
+import jax
 import numpy as np
 
 from adalink_jax.checkpoints import common
-from adalink_jax.checkpoints.hf import safetensors_sources
+from adalink_jax.checkpoints.hf import locate, safetensors_sources, same_values
+from adalink_jax.checkpoints.streaming import (ON_HOST, ArraySource, Converted, NumpySource,
+                                               Stacked, place)
 from adalink_jax.models import gemma
 
 PathLike = Union[str, os.PathLike]
@@ -61,6 +65,11 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Multimodal wrappers: the text model type their text_config defaults to.
 _WRAPPERS = {'gemma3': 'gemma3_text', 'paligemma': 'gemma'}
+# Text-config keys a wrapper sets for its own use, harmless to the decoder's math. PaliGemma's
+# use_bidirectional_attention (transformers' BC default True) means "the image + prompt prefix
+# attends both ways", which PaliGemma -- and any caller of gemma.Gemma -- gets from the
+# explicit prefix-LM mask it passes; on a plain Gemma config the flag is refused.
+_WRAPPER_FLAGS = {'paligemma': ('use_bidirectional_attention',)}
 _TANH_GELU = ('gelu_pytorch_tanh', 'gelu_new')
 _HF_LAYER_TYPES = {'sliding_attention': gemma.LOCAL, 'full_attention': gemma.GLOBAL}
 
@@ -75,6 +84,8 @@ def text_config_json(config_json: Mapping[str, Any]) -> dict[str, Any]:
   if outer in _WRAPPERS or 'text_config' in cfg:
     text = dict(cfg.get('text_config') or {})
     text.setdefault('model_type', _WRAPPERS.get(outer, 'gemma'))
+    for key in _WRAPPER_FLAGS.get(outer, ()):
+      text.pop(key, None)
     return text
   return cfg
 
@@ -218,62 +229,93 @@ def _layer_targets(cfg: gemma.GemmaConfig) -> dict[str, tuple[str, Any]]:
   return table
 
 
-def params_from_hf(named_arrays: Mapping[str, np.ndarray], cfg: gemma.GemmaConfig
-                   ) -> dict[str, Any]:
-  """``{HF tensor name: array}`` -> nested parameter tree for ``Gemma(cfg)`` (``param_dtype``).
+def llm_sources(tensors: Mapping[str, ArraySource], cfg: gemma.GemmaConfig
+                ) -> tuple[dict[str, ArraySource], dict[str, str], list[str]]:
+  """HF Gemma tensors (vision / projector ones ignored) -> our sources, in ``cfg``'s layout.
 
-  Every missing, unexpected or mis-shaped tensor is listed in one
-  :class:`~adalink_jax.checkpoints.common.CheckpointMismatchError`.
+  Returns (``{our name: source}``, ``{our name: HF name}`` notes, unexpected HF names). A
+  scanned ``cfg`` gets ``layers/...`` stacks of the per-layer sources. An ``lm_head.weight``
+  is compared with the embedding block by block (read only then) and refused if it differs.
   """
-  names = set(named_arrays)
+  names = {n for n in tensors if not _SKIPPED.match(n)}
   prefix = _text_prefix(names)
-  embed = named_arrays[f'{prefix}embed_tokens.weight']
   targets = _layer_targets(cfg)
-  flat, unexpected, notes = {}, [], {}
-  dtype = np.dtype(cfg.param_dtype)
-
-  def put(ours: str, hf: str, fn=None):
-    flat[ours] = np.asarray(named_arrays[hf] if fn is None else fn(named_arrays[hf]), dtype)
-    notes[ours] = hf
-
-  for hf in sorted(names):
-    if _SKIPPED.match(hf):
-      continue
-    if hf.endswith('lm_head.weight'):
-      if not np.array_equal(np.asarray(named_arrays[hf]), np.asarray(embed)):
-        raise ValueError(f'{hf} differs from {prefix}embed_tokens.weight: gemma.Gemma ties the '
+  mapped, notes, unexpected = {}, {}, []
+  for name in sorted(names):
+    rest = name[len(prefix):] if name.startswith(prefix) else None
+    m = _LAYER.match(rest) if rest else None
+    if name.endswith('lm_head.weight'):
+      if not same_values(tensors[name], tensors[f'{prefix}embed_tokens.weight']):
+        raise ValueError(f'{name} differs from {prefix}embed_tokens.weight: gemma.Gemma ties the '
                          'LM head to the embedding; an untied head is not supported')
-      continue
-    rest = hf[len(prefix):] if hf.startswith(prefix) else None
-    match = _LAYER.match(rest) if rest else None
-    if rest == 'embed_tokens.weight':
-      put('embedder/input_embedding', hf)
+    elif rest == 'embed_tokens.weight':
+      mapped['embedder/input_embedding'], notes['embedder/input_embedding'] = tensors[name], name
     elif rest == 'norm.weight':
-      put('final_norm/scale', hf)
-    elif match and match.group(2) in targets and int(match.group(1)) < cfg.num_layers:
-      path, fn = targets[match.group(2)]
-      try:
-        put(f'layers_{int(match.group(1))}/{path}', hf, fn)
-      except ValueError:  # reshape to our layout failed: the config and the tensor disagree
-        unexpected.append(f'{hf} {tuple(np.shape(named_arrays[hf]))} (does not fit {path} '
-                          'of the config)')
+      mapped['final_norm/scale'], notes['final_norm/scale'] = tensors[name], name
+    elif m and m.group(2) in targets and int(m.group(1)) < cfg.num_layers:
+      path, fn = targets[m.group(2)]
+      ours = f'layers_{int(m.group(1))}/{path}'
+      notes[ours] = name
+      src = _converted(tensors[name], fn, f'{name} -> {ours}')
+      if src is None:  # reshape to our layout failed: the config and the tensor disagree
+        unexpected.append(f'{name} {tensors[name].shape} (does not fit {path} of the config)')
+      else:
+        mapped[ours] = src
     else:
-      unexpected.append(hf)
-  expected = gemma.param_shapes(cfg.replace(scan_layers=False))
-  common.check_tree(expected, flat, source='HF Gemma tensors', extra_unexpected=unexpected,
-                    notes=notes)
-  if cfg.scan_layers:
-    flat = _stack_layers(flat, cfg.num_layers)
-  return common.unflatten(flat)
+      unexpected.append(name)
+  return stack_layers(mapped, cfg.num_layers, cfg.scan_layers), notes, unexpected
 
 
-def _stack_layers(flat: dict[str, np.ndarray], num_layers: int) -> dict[str, np.ndarray]:
-  """``layers_i/...`` -> ``layers/...`` with a leading layer axis (the scanned layout)."""
-  out = {n: a for n, a in flat.items() if not n.startswith('layers_')}
+def _converted(src: ArraySource, fn, name: str) -> Optional[ArraySource]:
+  """``fn(src)`` as a lazy source, or None when ``src``'s shape does not take ``fn``."""
+  if fn is None:
+    return src
+  try:  # wrapped: jit of numpy's C dispatcher objects (np.transpose) crashes jax 0.10
+    out = jax.eval_shape(lambda a: fn(a), jax.ShapeDtypeStruct(src.shape, src.dtype))
+  except (TypeError, ValueError):
+    return None
+  return Converted([src], fn, out.shape, out.dtype, name)
+
+
+def stack_layers(flat: dict[str, ArraySource], num_layers: int, scanned: bool
+                 ) -> dict[str, ArraySource]:
+  """Unscanned ``layers_i/...`` sources -> ``layers/...`` stacks (leading layer axis) if scanned.
+
+  A name some layer lacks stays unstacked, so the shape check reports it by name.
+  """
+  if not scanned:
+    return flat
+  out = {n: s for n, s in flat.items() if not n.startswith('layers_')}
   for name in [n for n in flat if n.startswith('layers_0/')]:
     rest = name[len('layers_0/'):]
-    out[f'layers/{rest}'] = np.stack([flat[f'layers_{i}/{rest}'] for i in range(num_layers)])
+    parts = [flat.get(f'layers_{i}/{rest}') for i in range(num_layers)]
+    if all(p is not None for p in parts):
+      out[f'layers/{rest}'] = Stacked(parts, f'layers_*/{rest}')
   return out
+
+
+def params_from_sources(tensors: Mapping[str, ArraySource], cfg: gemma.GemmaConfig, *,
+                        shardings: Any = ON_HOST, where: str = 'HF Gemma tensors'
+                        ) -> dict[str, Any]:
+  """HF-named lazy tensors -> the parameter tree of ``Gemma(cfg)`` in ``cfg.param_dtype``.
+
+  shardings: :data:`~streaming.ON_HOST` (numpy), ``None`` (first device), one ``Sharding``
+  or a tree like the params; each array is streamed into place on its own. Every missing,
+  unexpected or mis-shaped tensor is listed in one
+  :class:`~adalink_jax.checkpoints.common.CheckpointMismatchError`.
+  """
+  mapped, notes, unexpected = llm_sources(tensors, cfg)
+  return place(mapped, gemma.param_shapes(cfg), shardings=shardings,
+               dtype=np.dtype(cfg.param_dtype), where=where, notes=notes, unexpected=unexpected)
+
+
+def params_from_hf(named_arrays: Mapping[str, np.ndarray], cfg: gemma.GemmaConfig
+                   ) -> dict[str, Any]:
+  """``{HF tensor name: array}`` -> nested numpy parameter tree for ``Gemma(cfg)``.
+
+  The in-memory form of :func:`params_from_sources` (e.g. a torch ``state_dict``).
+  """
+  return params_from_sources({n: NumpySource(a, n) for n, a in named_arrays.items()}, cfg)
 
 
 # ------------------------------------------------------------------ files
@@ -284,26 +326,13 @@ _HOW_TO_GET = ('Expected a Hugging Face save_pretrained() directory with config.
                'Gemma3ForCausalLM.from_pretrained(name).save_pretrained(dir).')
 
 
-def _files(directory: pathlib.Path) -> list[pathlib.Path]:
-  index = directory / 'model.safetensors.index.json'
-  if index.is_file():
-    weight_map = json.loads(index.read_text()).get('weight_map') or {}
-    return [pathlib.Path(common.resolve_inside(directory, f, str(index)))
-            for f in sorted(set(weight_map.values()))]
-  single = directory / 'model.safetensors'
-  if not single.is_file():
-    raise common.missing_checkpoint_error(single, 'model.safetensors', _HOW_TO_GET)
-  return [single]
-
-
-def load_hf_gemma(directory: PathLike, **overrides) -> tuple[gemma.GemmaConfig, dict[str, Any]]:
+def load_hf_gemma(directory: PathLike, *, shardings: Any = ON_HOST, **overrides
+                  ) -> tuple[gemma.GemmaConfig, dict[str, Any]]:
   """A save_pretrained directory -> (config, params); ``overrides`` go to the config
-  (``dtype``, ``param_dtype``, ``scan_layers`` ...)."""
-  directory = pathlib.Path(directory).expanduser()
-  config_file = directory / 'config.json'
-  if not config_file.is_file():
-    raise common.missing_checkpoint_error(config_file, 'config.json', _HOW_TO_GET)
+  (``dtype``, ``param_dtype``, ``scan_layers`` ...). shardings: as in
+  :func:`params_from_sources` (default: numpy arrays on the host)."""
+  config_file, files = locate(directory, what='HF Gemma directory', how_to_get=_HOW_TO_GET)
   cfg = config_from_hf(json.loads(config_file.read_text()), **overrides)
-  sources = safetensors_sources(_files(directory))
-  named = {name: src.read() for name, src in sources.items() if not _SKIPPED.match(name)}
-  return cfg, params_from_hf(named, cfg)
+  where = f'HF Gemma checkpoint {str(config_file.parent)!r}'
+  return cfg, params_from_sources(safetensors_sources(files), cfg, shardings=shardings,
+                                  where=where)

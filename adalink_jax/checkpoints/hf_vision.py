@@ -2,7 +2,7 @@
 
 Reads a ``save_pretrained`` directory (``config.json`` + ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``) without torch. Every tensor is read lazily, one at a
-time, and streamed into its sharding (:func:`streaming.place_all`), so the text tower of a
+time, and streamed into its sharding (:func:`streaming.place`), so the text tower of a
 two-tower ``SiglipModel`` is never read.
 
 SigLIP (``SiglipVisionModel``; ``SiglipModel`` and other wrappers keep it under a prefix
@@ -40,19 +40,15 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
-import ml_dtypes
 import numpy as np
 
 from adalink_jax.checkpoints import big_vision, hf
-from adalink_jax.checkpoints.common import (check_tree, flatten, missing_checkpoint_error,
-                                            unflatten)
-from adalink_jax.checkpoints.streaming import (ArraySource, Stacked, normalize_index,
-                                               place_all)
+from adalink_jax.checkpoints.common import flatten
+from adalink_jax.checkpoints.streaming import ArraySource, Converted, Stacked, place
 from adalink_jax.models import vit as vit_lib
 
 PathLike = Union[str, os.PathLike]
@@ -129,72 +125,8 @@ def vit_config_from_hf(config_json: Mapping[str, Any], **overrides) -> vit_lib.V
 
 
 # ------------------------------------------------------------------ lazy tensors
-
-_ST_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
-              'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32, 'I16': np.int16,
-              'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
-
-
-class _SafetensorsSource(ArraySource):
-  """One tensor of a safetensors file, read whole on first use and kept until released."""
-
-  def __init__(self, file: pathlib.Path, key: str, shape: Sequence[int], st_dtype: str):
-    if st_dtype not in _ST_DTYPES:
-      raise ValueError(f'{file}: tensor {key!r} has dtype {st_dtype}, which is not supported')
-    self.file, self.key, self.name = file, key, key
-    self.shape, self._st_dtype = tuple(int(d) for d in shape), st_dtype
-    self.dtype = np.dtype(_ST_DTYPES[st_dtype])
-    self._cached: Optional[np.ndarray] = None
-
-  def read(self, index=()):
-    if self._cached is None:
-      if self._st_dtype == 'BF16':  # safetensors' numpy mode cannot build bfloat16 arrays
-        self._cached = hf._read_bf16(self.file, self.key)  # pylint: disable=protected-access
-      else:
-        from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-        with safe_open(str(self.file), framework='numpy') as f:
-          self._cached = f.get_tensor(self.key)
-    return self._cached[normalize_index(index, self.shape)]
-
-  def release(self):
-    self._cached = None
-
-
-def _index_tensors(files: Sequence[pathlib.Path]) -> dict[str, _SafetensorsSource]:
-  """Every tensor's name, shape and dtype from the safetensors headers (no data is read)."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  out: dict[str, _SafetensorsSource] = {}
-  for file in files:
-    with safe_open(str(file), framework='numpy') as f:
-      for key in f.keys():
-        if key in out:
-          raise ValueError(f'tensor {key!r} appears in more than one shard ({file.name})')
-        sl = f.get_slice(key)
-        out[key] = _SafetensorsSource(file, key, sl.get_shape(), sl.get_dtype())
-  return out
-
-
-class _Converted(ArraySource):
-  """``fn(*parts)`` (a transpose / reshape / split of HF tensors), computed once when first read."""
-
-  def __init__(self, parts: Sequence[ArraySource], fn: Callable, shape, dtype, name: str):
-    self.parts, self.fn, self.name = list(parts), fn, name
-    self.shape, self.dtype = tuple(int(d) for d in shape), np.dtype(dtype)
-    self._cached: Optional[np.ndarray] = None
-
-  def children(self):
-    return tuple(self.parts)
-
-  def read(self, index=()):
-    if self._cached is None:
-      self._cached = np.asarray(self.fn(*[p.read() for p in self.parts]))
-      for p in self.parts:
-        p.release()
-    return self._cached[normalize_index(index, self.shape)]
-
-  def release(self):
-    self._cached = None
-    super().release()
+# Tensors are hf.safetensors_sources (header-indexed, sliced reads); conversions a slice
+# cannot express are streaming.Converted sources.
 
 
 class _Unconvertible(ArraySource):
@@ -324,21 +256,6 @@ def vit_name_table(depth: int, num_heads: int, qkv_bias: bool = True) -> _Table:
 # ------------------------------------------------------------------ mapping
 
 
-def _locate(path: PathLike) -> tuple[pathlib.Path, list[pathlib.Path]]:
-  """hf._locate with this loader's wording for a missing directory / config.json / weights."""
-  p = pathlib.Path(path).expanduser()
-  d = p.parent if p.is_file() else p
-  if not d.is_dir():
-    raise missing_checkpoint_error(d, 'HF image tower directory (config.json + model.safetensors)',
-                                   _HOW_TO_GET)
-  if not (d / hf.CONFIG_FILE).is_file():
-    raise missing_checkpoint_error(d / hf.CONFIG_FILE, hf.CONFIG_FILE, _HOW_TO_GET)
-  try:
-    return hf._locate(p)  # pylint: disable=protected-access
-  except FileNotFoundError as e:  # missing weights / shards: keep what, swap in our how-to
-    raise FileNotFoundError(str(e).replace(hf._HOW_TO_GET, _HOW_TO_GET)) from None  # pylint: disable=protected-access
-
-
 def _find_prefix(tensors: Mapping[str, Any], family: str, where: str) -> str:
   anchor = _ANCHORS[family]
   prefixes = sorted(n[:-len(anchor)] for n in tensors if n.endswith(anchor))
@@ -369,7 +286,7 @@ def _converted(table: _Table, name: str, ck: Mapping[str, ArraySource], prefix: 
   except (TypeError, ValueError) as e:  # e.g. [h*k, d] with h*k not divisible by h
     notes[name] += f' {parts[0].shape}: cannot be put in our layout ({e})'
     return _Unconvertible(parts[0].shape, name)
-  return _Converted(parts, fn, out.shape, out.dtype, f'{prefix}{hf_names[0]} -> {name}')
+  return Converted(parts, fn, out.shape, out.dtype, f'{prefix}{hf_names[0]} -> {name}')
 
 
 def map_hf_to_model(ck: Mapping[str, ArraySource], table: _Table, wanted: Mapping[str, Any],
@@ -441,7 +358,8 @@ def load_hf_vision(path: PathLike, expected: Mapping[str, Any], *, shardings: An
   Raises FileNotFoundError (what is missing, how to get it) and
   :class:`CheckpointMismatchError` listing every missing, unexpected and mis-shaped name.
   """
-  config_path, files = _locate(path)
+  config_path, files = hf.locate(path, what='HF image tower directory',
+                                 how_to_get=_HOW_TO_GET)
   where = str(config_path.parent)
   hf_cfg = json.loads(config_path.read_text())
   family, v = _vision_section(hf_cfg)
@@ -449,13 +367,12 @@ def load_hf_vision(path: PathLike, expected: Mapping[str, Any], *, shardings: An
   if config is not None:
     _check_settings(config, derived, where)
 
-  exp_flat = flatten(expected)
-  wanted = {n: l for n, l in exp_flat.items() if skip is None or not skip(n)}
+  wanted = {n: l for n, l in flatten(expected).items() if skip is None or not skip(n)}
   if family == 'vit' and 'cls' not in wanted:
     raise ValueError(f"{where} is an HF ViTModel: its [CLS] token takes part in every attention, "
                      "so it loads only into pool_type='tok' (our ViT has no 'cls' parameter "
                      'here)')
-  tensors = _index_tensors(files)
+  tensors = hf.safetensors_sources(files)
   prefix = _find_prefix(tensors, family, where)
   ck = {n[len(prefix):]: s for n, s in tensors.items() if n.startswith(prefix)}
   heads = int(v['num_attention_heads'])
@@ -470,8 +387,6 @@ def load_hf_vision(path: PathLike, expected: Mapping[str, Any], *, shardings: An
                                       f'{where} ({notes.get("pos_embedding")})')
   unexpected = [f'{prefix}{n}  (HF tensor with no place in the model)' for n in sorted(ck)
                 if n not in used and not _ignorable(n, family, wanted)]
-  check_tree(wanted, mapped, source=f'HF checkpoint {where!r} (tower prefix "{prefix}")',
-             extra_unexpected=unexpected, notes=notes)
-  out = {n: l for n, l in exp_flat.items() if n not in wanted}
-  out.update(place_all(mapped, exp_flat, shardings, dtype))
-  return unflatten(out)
+  return place(mapped, expected, shardings=shardings, dtype=dtype, skip=skip,
+               where=f'HF checkpoint {where!r} (tower prefix "{prefix}")', notes=notes,
+               unexpected=unexpected)

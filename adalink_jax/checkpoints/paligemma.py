@@ -1,11 +1,11 @@
 """PaliGemma (1 and 2) weights -> :mod:`adalink_jax.models.paligemma` params, streamed.
 
-Two formats, each read one array at a time into its sharding (:func:`streaming.place_all`):
+Two formats, each read one array at a time into its sharding (:func:`streaming.place`):
 
 HF ``PaliGemmaForConditionalGeneration.save_pretrained`` (safetensors):
   ``[model.]vision_tower.[vision_model.]*`` -> ``img/...``  (:mod:`hf_vision`'s SigLIP table)
   ``[model.]multi_modal_projector.linear.{weight [d, w], bias}`` -> ``img_proj/{kernel, bias}``
-  ``model.language_model.*`` / ``language_model.model.*`` -> ``llm/...`` (:mod:`hf_gemma`'s table)
+  ``model.language_model.*`` / ``language_model.model.*`` -> ``llm/...`` (:func:`hf_gemma.llm_sources`)
 
 big_vision PaliGemma ``.npz`` (root ``''``, ``params/`` or ``opt/target/``), the names
 transformers' ``convert_paligemma{,2}_weights_to_hf.py`` reads; layers stacked on axis 0:
@@ -27,17 +27,13 @@ import pathlib
 import re
 from typing import Any, Mapping, Union
 
-import jax
-
 from adalink_jax.checkpoints import big_vision, common, hf, hf_gemma, hf_vision
-from adalink_jax.checkpoints.streaming import (ArraySource, LayerSlice, Stacked, Transposed,
-                                               place_all)
+from adalink_jax.checkpoints.streaming import ArraySource, LayerSlice, Transposed, place
 from adalink_jax.models import paligemma as pg_lib
 
 PathLike = Union[str, os.PathLike]
 _SHARED = ('dtype', 'param_dtype', 'scan_layers', 'remat_policy')
 _PROJ = re.compile(r'^(model\.)?multi_modal_projector\.linear\.(weight|bias)$')
-_LAYER = re.compile(r'^layers\.(\d+)\.(.+)\.weight$')
 
 _HOW_TO_GET_HF = ('Expected a PaliGemmaForConditionalGeneration.save_pretrained() directory '
                   '(config.json + model.safetensors or its index and shards), e.g. '
@@ -45,63 +41,6 @@ _HOW_TO_GET_HF = ('Expected a PaliGemmaForConditionalGeneration.save_pretrained(
 
 
 # ------------------------------------------------------------------ the text decoder
-
-
-def _stack_or_keep(flat: dict[str, ArraySource], num_layers: int, scanned: bool
-                   ) -> dict[str, ArraySource]:
-  """Unscanned ``layers_i/...`` sources -> ``layers/...`` stacks when the model scans."""
-  if not scanned:
-    return flat
-  out = {n: s for n, s in flat.items() if not n.startswith('layers_')}
-  for name in [n for n in flat if n.startswith('layers_0/')]:
-    rest = name[len('layers_0/'):]
-    parts = [flat.get(f'layers_{i}/{rest}') for i in range(num_layers)]
-    if all(p is not None for p in parts):
-      out[f'layers/{rest}'] = Stacked(parts, f'layers_*/{rest}')
-  return out
-
-
-def _place(mapped, expected_flat, source, notes, unexpected, shardings, dtype):
-  common.check_tree(expected_flat, mapped, source=source, extra_unexpected=unexpected,
-                    notes=notes)
-  return place_all(mapped, expected_flat, shardings, dtype)
-
-
-def hf_llm_sources(tensors: Mapping[str, ArraySource], cfg) -> tuple[dict, dict, list]:
-  """HF Gemma tensors (vision ones ignored) -> (unscanned sources, notes, unexpected names)."""
-  names = {n for n in tensors if not hf_gemma._SKIPPED.match(n)}  # pylint: disable=protected-access
-  prefix = hf_gemma._text_prefix(names)  # pylint: disable=protected-access
-  targets = hf_gemma._layer_targets(cfg)  # pylint: disable=protected-access
-  mapped, notes, unexpected = {}, {}, []
-  for name in sorted(names):
-    rest = name[len(prefix):] if name.startswith(prefix) else None
-    m = _LAYER.match(rest) if rest else None
-    if name.endswith('lm_head.weight'):
-      embed = tensors[f'{prefix}embed_tokens.weight']
-      if not hf._same_values(tensors[name], embed):  # pylint: disable=protected-access
-        raise ValueError(f'{name} differs from {prefix}embed_tokens.weight: gemma.Gemma ties the '
-                         'LM head to the embedding; an untied head is not supported')
-    elif rest == 'embed_tokens.weight':
-      mapped['embedder/input_embedding'], notes['embedder/input_embedding'] = tensors[name], name
-    elif rest == 'norm.weight':
-      mapped['final_norm/scale'], notes['final_norm/scale'] = tensors[name], name
-    elif m and m.group(2) in targets and int(m.group(1)) < cfg.num_layers:
-      path, fn = targets[m.group(2)]
-      ours = f'layers_{int(m.group(1))}/{path}'
-      notes[ours] = name
-      src = tensors[name]
-      try:  # wrapped: jit of numpy's C dispatcher objects (np.transpose) crashes jax 0.10
-        out = jax.eval_shape(lambda a, fn=fn: a if fn is None else fn(a),
-                             jax.ShapeDtypeStruct(src.shape, src.dtype))
-      except (TypeError, ValueError):
-        unexpected.append(f'{name} {src.shape} (does not fit {path} of the config)')
-        continue
-      convert = hf_vision._Converted  # pylint: disable=protected-access
-      mapped[ours] = src if fn is None else convert([src], fn, out.shape, out.dtype,
-                                                    f'{name} -> {ours}')
-    else:
-      unexpected.append(name)
-  return mapped, notes, unexpected
 
 
 def big_vision_llm_sources(ck: Mapping[str, ArraySource], cfg) -> tuple[dict, list]:
@@ -153,11 +92,8 @@ def config_from_hf(config_json: Mapping[str, Any], **overrides) -> pg_lib.PaliGe
                      "'paligemma' (PaliGemmaForConditionalGeneration)")
   shared = {k: v for k, v in overrides.items() if k in _SHARED}
   vit = hf_vision.vit_config_from_hf(config_json, pool_type='none', **shared)
-  # PaliGemmaConfig sets use_bidirectional_attention on its text_config (BC flag): the wrapper
-  # always hands the decoder an explicit prefix-LM mask, which PaliGemma builds itself.
-  text = {k: v for k, v in (config_json.get('text_config') or {}).items()
-          if k != 'use_bidirectional_attention'}
-  llm = hf_gemma.config_from_hf({**config_json, 'text_config': text}, **overrides)
+  # hf_gemma drops the wrapper's use_bidirectional_attention (PaliGemma builds its prefix-LM mask).
+  llm = hf_gemma.config_from_hf(config_json, **overrides)
   proj = (config_json.get('vision_config') or {}).get('projection_dim', llm.d_model)
   if int(proj) != llm.d_model:
     raise ValueError(f'config.json vision_config.projection_dim={proj} differs from the text '
@@ -182,7 +118,7 @@ def load_hf_paligemma(path: PathLike, *, shardings: Any = None, dtype: Any = Non
   sh = shardings if isinstance(shardings, Mapping) else {k: shardings for k in expected}
   img = hf_vision.load_hf_vision(directory, expected['img'], shardings=sh['img'], dtype=dtype,
                                  config=cfg.vit)
-  _, files = hf._locate(directory)  # pylint: disable=protected-access
+  _, files = hf.locate(directory, what='HF PaliGemma directory', how_to_get=_HOW_TO_GET_HF)
   tensors = hf.safetensors_sources(files)
   where = f'HF PaliGemma checkpoint {str(directory)!r}'
   proj = {m.group(2): s for n, s in tensors.items() if (m := _PROJ.match(n))}
@@ -191,14 +127,12 @@ def load_hf_paligemma(path: PathLike, *, shardings: Any = None, dtype: Any = Non
     proj_mapped['kernel'] = Transposed(proj['weight'])
   if 'bias' in proj:
     proj_mapped['bias'] = proj['bias']
-  img_proj = _place(proj_mapped, common.flatten(expected['img_proj']), where,
-                    {'kernel': 'multi_modal_projector.linear.weight'}, [], sh['img_proj'], dtype)
-  mapped, notes, unexpected = hf_llm_sources(tensors, cfg.llm)
-  mapped = _stack_or_keep(mapped, cfg.llm.num_layers, cfg.llm.scan_layers)
-  llm = _place(mapped, common.flatten(expected['llm']), f'{where} (text decoder)', notes,
-               unexpected, sh['llm'], dtype)
-  return cfg, {'img': img, 'img_proj': common.unflatten(img_proj),
-               'llm': common.unflatten(llm)}
+  img_proj = place(proj_mapped, expected['img_proj'], shardings=sh['img_proj'], dtype=dtype,
+                   where=where, notes={'kernel': 'multi_modal_projector.linear.weight'})
+  mapped, notes, unexpected = hf_gemma.llm_sources(tensors, cfg.llm)
+  llm = place(mapped, expected['llm'], shardings=sh['llm'], dtype=dtype,
+              where=f'{where} (text decoder)', notes=notes, unexpected=unexpected)
+  return cfg, {'img': img, 'img_proj': img_proj, 'llm': llm}
 
 
 # ------------------------------------------------------------------ big_vision
@@ -230,13 +164,12 @@ def load_big_vision_paligemma(path: PathLike, config: pg_lib.PaliGemmaConfig, *,
   where = f'big_vision PaliGemma checkpoint {file}'
   head = {k: sources[f'{root}img/head/{k}'] for k in ('kernel', 'bias')
           if f'{root}img/head/{k}' in sources}
-  img_proj = _place(head, common.flatten(expected['img_proj']), where,
-                    {k: f'{root}img/head/{k}' for k in ('kernel', 'bias')}, [], sh['img_proj'],
-                    dtype)
+  img_proj = place(head, expected['img_proj'], shardings=sh['img_proj'], dtype=dtype,
+                   where=where, notes={k: f'{root}img/head/{k}' for k in ('kernel', 'bias')})
   llm_root = f'{root}llm/'
   ck = {n[len(llm_root):]: s for n, s in sources.items() if n.startswith(llm_root)}
   mapped, unused = big_vision_llm_sources(ck, config.llm)
-  mapped = _stack_or_keep(mapped, config.llm.num_layers, config.llm.scan_layers)
-  llm = _place(mapped, common.flatten(expected['llm']), f'{where} (tree "{llm_root}")', {},
-               [llm_root + n for n in unused], sh['llm'], dtype)
-  return {'img': img, 'img_proj': common.unflatten(img_proj), 'llm': common.unflatten(llm)}
+  mapped = hf_gemma.stack_layers(mapped, config.llm.num_layers, config.llm.scan_layers)
+  llm = place(mapped, expected['llm'], shardings=sh['llm'], dtype=dtype,
+              where=f'{where} (tree "{llm_root}")', unexpected=[llm_root + n for n in unused])
+  return {'img': img, 'img_proj': img_proj, 'llm': llm}

@@ -8,10 +8,12 @@ stacking unscanned layers, transposing) are sources too, so they also read only 
 needed: a stacked source reads, for each device's shard, only that shard's slice of each
 layer, so a layer stack is never materialised whole on the host.
 
-:func:`materialize` turns one source into a ``jax.Array`` with
-``jax.make_array_from_callback``: each device's shard is read from disk and cast
-(e.g. to bf16) on its own, so the host never holds a full fp32 copy of the model;
-:func:`place_all` does that for a whole flat tree, one array after the other.
+:func:`place` is the one routine every reader ends in: it checks the mapped names and
+shapes against the model once (one error listing every missing, unexpected and mis-shaped
+name), then :func:`materialize` s each source into a ``jax.Array`` with
+``jax.make_array_from_callback``: each device's shard is read from disk and cast (e.g. to
+bf16) on its own, so the host never holds a full fp32 copy of the model, one array after
+the other (or reads them to numpy with ``shardings=ON_HOST``).
 Measured (tests/test_checkpoint_memory.py, 8 CPU devices, so every shard is in host
 RAM): restoring a 256 MiB fp32 T5X checkpoint to bf16 peaks at ~0.56x its size (the
 bf16 result is 0.5x), against ~1.3x for restore-the-fp32-tree-then-shard.
@@ -19,13 +21,13 @@ bf16 result is 0.5x), against ~1.3x for restore-the-fp32-tree-then-shard.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adalink_jax.checkpoints.common import flatten
+from adalink_jax.checkpoints.common import check_tree, flatten, unflatten
 
 Index = tuple  # a tuple of slices (and, internally, ints)
 
@@ -225,6 +227,33 @@ class Stacked(ArraySource):
     return np.stack([p.read(idx[1:]) for p in chosen], axis=0)
 
 
+class Converted(ArraySource):
+  """``fn(*parts)`` (a transpose / reshape / split of stored tensors), computed once when first read.
+
+  For layout changes a slice cannot express (splitting heads, [cls] + posemb): the parts are
+  read whole, converted, and the result kept until :meth:`release` (one array at a time).
+  """
+
+  def __init__(self, parts: Sequence[ArraySource], fn: Callable, shape, dtype, name: str):
+    self.parts, self.fn, self.name = list(parts), fn, name
+    self.shape, self.dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+    self._cached: Optional[np.ndarray] = None
+
+  def children(self):
+    return tuple(self.parts)
+
+  def read(self, index: Index = ()) -> np.ndarray:
+    if self._cached is None:
+      self._cached = np.asarray(self.fn(*[p.read() for p in self.parts]))
+      for p in self.parts:
+        p.release()
+    return self._cached[normalize_index(index, self.shape)]
+
+  def release(self) -> None:
+    self._cached = None
+    super().release()
+
+
 def _index_key(index: Index) -> tuple:
   return tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in index)
 
@@ -253,30 +282,74 @@ def materialize(source: ArraySource, sharding: Optional[jax.sharding.Sharding] =
   return array
 
 
-def place_all(sources: Mapping[str, ArraySource], expected: Mapping[str, Any],
-              shardings: Any = None, dtype: Any = None) -> dict[str, jax.Array]:
-  """Materializes a flat ``{name: ArraySource}`` one array at a time -> ``{name: jax.Array}``.
+ON_HOST = 'host'  # ``shardings=ON_HOST``: numpy arrays on the host instead of jax.Arrays
 
-  expected: flat ``{name: leaf}``; each leaf's dtype (e.g. from ``jax.eval_shape``) is the
-    default target dtype. dtype: one cast for every floating array (e.g. ``jnp.bfloat16``).
-  shardings: ``None`` (first device), one ``Sharding`` for all, or a tree / flat dict
-    with the same names. Every file is checked before the first array is read.
+
+def _flat_shardings(shardings: Any, wanted: Mapping[str, Any], where: str) -> Optional[dict]:
+  """A shardings tree -> flat dict with an entry for every name of ``wanted`` (checked before
+  any read). Entries for other names (e.g. adapters a caller's tree also covers) are unused."""
+  if not isinstance(shardings, Mapping):
+    return None
+  flat = flatten(shardings)
+  missing = sorted(set(wanted) - set(flat))
+  if missing:
+    raise ValueError(f'{where}: the shardings tree does not match the params: no sharding for '
+                     f'{missing[:3]}{" ..." if len(missing) > 3 else ""}; pass one Sharding, or '
+                     'a tree with (at least) the paths of the params')
+  return flat
+
+
+def _read_host(source: ArraySource, dtype: Any) -> np.ndarray:
+  value = source.read()
+  source.release()
+  return value if dtype is None else value.astype(dtype, copy=False)
+
+
+def place(sources: Mapping[str, ArraySource], expected: Mapping[str, Any], *,
+          shardings: Any = None, dtype: Any = None, skip: Optional[Callable[[str], bool]] = None,
+          where: str = 'checkpoint', notes: Optional[Mapping[str, str]] = None,
+          unexpected: Sequence[str] = (),
+          on_checked: Optional[Callable[[], None]] = None) -> dict[str, Any]:
+  """The one placement routine of every reader: check names and shapes once, then stream.
+
+  sources: flat ``{our '/'-joined name: ArraySource}`` a reader mapped from its file.
+  expected: the model's parameter tree (nested or flat; arrays, ``jax.ShapeDtypeStruct`` or
+    flax boxes). Each leaf's dtype is the default target dtype.
+  shardings: ``None`` (first device), one ``Sharding`` for all, a tree / flat dict with
+    ``expected``'s names, or :data:`ON_HOST` for numpy arrays.
+  dtype: one cast for every floating array (e.g. ``jnp.bfloat16``); integer / bool keep theirs.
+  skip: ``name -> True`` for leaves no checkpoint has (adapters): returned as in ``expected``.
+  where / notes / unexpected: for the error: the checkpoint's description, ``{name: text}``
+    shown next to a name, and source-side names the reader could not map.
+  on_checked: called once names and shapes fit, before anything is read (a reader's checks
+    of settings that shapes cannot show, e.g. the activation in config.json).
+  Raises :class:`~adalink_jax.checkpoints.common.CheckpointMismatchError` listing every
+  missing, unexpected and mis-shaped name before anything is read; then every file is
+  checked, then arrays are placed one at a time (each device's shard read on its own), so
+  the host never holds a full copy of a sharded array.
+  Returns a nested dict shaped like ``expected``.
   """
+  exp_flat = flatten(expected)
+  wanted = {n: v for n, v in exp_flat.items() if skip is None or not skip(n)}
+  check_tree(wanted, sources, source=where, extra_unexpected=unexpected, notes=notes)
+  if on_checked is not None:
+    on_checked()
+  on_host = isinstance(shardings, str) and shardings == ON_HOST
+  flat_sh = None if on_host else _flat_shardings(shardings, exp_flat, where)
   for src in sources.values():
     src.check()
-  flat_sh = flatten(shardings) if isinstance(shardings, Mapping) else None
-  out = {}
+  out = {n: v for n, v in exp_flat.items() if n not in wanted}
   for name in sorted(sources):
-    src = sources[name]
-    if flat_sh is not None and name not in flat_sh:
-      raise KeyError(f'no sharding given for {name!r}')
-    leaf = expected[name]
+    src, leaf = sources[name], wanted[name]
     leaf = leaf.unbox() if hasattr(leaf, 'unbox') else leaf
     cast = dtype if dtype is not None else getattr(leaf, 'dtype', None)
     if cast is not None and not jnp.issubdtype(src.dtype, jnp.floating):
       cast = None  # integer / bool arrays keep their type
-    out[name] = materialize(src, flat_sh[name] if flat_sh is not None else shardings, cast)
-  return out
+    if on_host:
+      out[name] = _read_host(src, cast)
+    else:
+      out[name] = materialize(src, flat_sh[name] if flat_sh is not None else shardings, cast)
+  return unflatten(out)
 
 
 def current_rss_bytes() -> int:

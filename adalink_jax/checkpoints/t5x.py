@@ -31,12 +31,10 @@ from typing import Any, Callable, Mapping, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from adalink_jax.checkpoints.common import (CheckpointMismatchError, check_tree, flatten,
-                                            missing_checkpoint_error, resolve_inside,
-                                            unflatten)
+from adalink_jax.checkpoints.common import (CheckpointMismatchError, flatten,
+                                            missing_checkpoint_error, resolve_inside)
 from adalink_jax.checkpoints.streaming import (ArraySource, LayerSlice, LayersFirst,
-                                               NumpySource, Stacked, TensorStoreSource,
-                                               place_all)
+                                               NumpySource, Stacked, TensorStoreSource, place)
 
 MSGPACK_FILE = 'checkpoint'   # legacy: the msgpack file inside checkpoint_<step>/
 ORBAX_ITEM = 'state'          # orbax: the PyTree item directory inside checkpoint_<step>/
@@ -99,17 +97,6 @@ def _is_ts_spec(value: Any) -> bool:
   return isinstance(value, Mapping) and {'driver', 'kvstore', 'metadata'} <= set(value)
 
 
-def _flatten_state(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    name = f'{prefix}/{key}' if prefix else str(key)
-    if isinstance(value, Mapping) and not _is_ts_spec(value):
-      flat.update(_flatten_state(value, name))
-    else:
-      flat[name] = value
-  return flat
-
-
 def _absolute_spec(spec: Mapping[str, Any], ckpt_dir: str) -> dict[str, Any]:
   """The relative spec t5x writes -> one that opens the local zarr array (t5x's own rules)."""
   kvstore = dict(spec['kvstore'])
@@ -148,7 +135,7 @@ def _legacy_sources(ckpt_dir: str) -> dict[str, ArraySource]:
   state = contents['optimizer'] if contents.get('version', 0) and 'optimizer' in contents \
       else contents
   sources: dict[str, ArraySource] = {}
-  for name, value in _flatten_state(state).items():
+  for name, value in flatten(state, is_leaf=_is_ts_spec).items():
     if _is_ts_spec(value):
       shape = value['metadata'].get('shape')
       dtype = jnp.dtype(value['dtype']) if 'dtype' in value else None
@@ -183,7 +170,7 @@ def _orbax_sources(item_dir: str) -> dict[str, ArraySource]:
   if os.path.isfile(aggregate):
     from flax import serialization  # pylint: disable=g-import-not-at-top
     with open(aggregate, 'rb') as f:
-      for name, value in _flatten_state(serialization.msgpack_restore(f.read())).items():
+      for name, value in flatten(serialization.msgpack_restore(f.read()), is_leaf=_is_ts_spec).items():
         if isinstance(value, (np.ndarray, np.generic)) and name not in sources:
           sources[name] = NumpySource(np.asarray(value), name)
   return sources
@@ -328,11 +315,7 @@ def load_t5x_params(path: Any, expected: Mapping[str, Any], *, step: Optional[in
   FileNotFoundError (no checkpoint, or an array file missing).
   """
   ckpt_dir, sources = t5x_array_sources(path, step)
-  exp_flat = flatten(expected)
-  wanted = {n: v for n, v in exp_flat.items() if skip is None or not skip(n)}
+  wanted = {n: v for n, v in flatten(expected).items() if skip is None or not skip(n)}
   mapped, notes, unused = map_t5x_to_model(sources, wanted, scan_axis=scan_axis)
-  check_tree(wanted, mapped, source=f'T5X checkpoint {ckpt_dir}', extra_unexpected=unused,
-             notes=notes)
-  out = {n: v for n, v in exp_flat.items() if n not in wanted}
-  out.update(place_all(mapped, exp_flat, shardings, dtype))
-  return unflatten(out)
+  return place(mapped, expected, shardings=shardings, dtype=dtype, skip=skip,
+               where=f'T5X checkpoint {ckpt_dir}', notes=notes, unexpected=unused)
