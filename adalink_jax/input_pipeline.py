@@ -8,43 +8,18 @@ task scores and how, :class:`evaluation.EvalTask`), ``eval_batches(n, task)`` an
 eval batches add ``targets`` (per example, postprocessed by the task), ``prompts`` and
 ``valid`` (False on the padding rows of a last batch).
 
-``task_id`` leaves the sources as a *global* id (``tasks.common.TASK_IDS``; the demo is 0).
+``task_id`` leaves the sources as a *global* id (the task package's ``TASK_IDS``; the demo is 0).
 With a per-task adapter bank (``peft.num_tasks > 1``) :func:`make_source` wraps the source so
 every batch reaching the model carries *bank indices* instead, and refuses tasks outside the
 bank (see :mod:`adalink_jax.peft.task_bank`).
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Iterator
 
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
-
 from adalink_jax import evaluation
+from adalink_jax import multihost
 from adalink_jax.peft import task_bank
-
-
-def local_batch_size(global_batch_size: int) -> int:
-  """Examples this process feeds per step; the global batch must split evenly over hosts."""
-  n = jax.process_count()
-  if global_batch_size % n:
-    raise ValueError(f'config.batch_size={global_batch_size} is not divisible by the '
-                     f'{n} processes')
-  return global_batch_size // n
-
-
-def _host_slice(batch: dict) -> dict:
-  """This process's rows of a globally generated batch."""
-  n, i = jax.process_count(), jax.process_index()
-  if n == 1:
-    return batch
-  out = {}
-  for k, v in batch.items():
-    rows = len(v) // n
-    out[k] = v[i * rows:(i + 1) * rows]
-  return out
 
 
 # The demo's ShapesTask labels every example task 0, its only task.
@@ -66,7 +41,7 @@ class DemoSource:
 
   def train_batches(self, start: int = 0) -> Iterator[dict]:
     for b in self.task.train_batches(start):
-      yield _host_slice(b)
+      yield multihost.host_slice(b)
 
   def eval_tasks(self) -> list[evaluation.EvalTask]:
     """One task, scored by ``config.eval.metric`` against every answer of the example."""
@@ -75,7 +50,7 @@ class DemoSource:
   def eval_batches(self, num_batches: int, task: str = 'demo') -> Iterator[dict]:
     del task  # the demo has one eval task
     for b in self.task.eval_batches(num_batches):
-      yield dict(_host_slice(b), targets=_host_slice({'a': b['answers']})['a'])
+      yield dict(multihost.host_slice(b), targets=multihost.host_slice({'a': b['answers']})['a'])
 
   def decode_text(self, ids) -> str:
     return self.task.decode_text(ids)
@@ -110,8 +85,8 @@ def _task_catalog(source: Any) -> tuple[dict, Any, tuple, tuple]:
   """(name -> global id, name normaliser, training task names, eval task names) of a source."""
   if isinstance(source, DemoSource):
     return DEMO_TASKS, str, tuple(DEMO_TASKS), tuple(DEMO_TASKS)
-  from tasks import common  # pylint: disable=g-import-not-at-top
-  return (common.TASK_IDS, common.benchmark_of, _seqio_names(source.train_task),
+  package = source.task_package  # the seqio source's tasks (ids, benchmark names)
+  return (package.TASK_IDS, package.benchmark_of, _seqio_names(source.train_task),
           tuple(t.name for t in source.eval_tasks()))
 
 
@@ -134,6 +109,7 @@ def make_source(config: Any):
   if kind == 'demo':
     source = DemoSource(config)
   elif kind == 'seqio':
+    # Imported here: it loads TensorFlow, seqio and the task package, which the demo never needs.
     from adalink_jax import seqio_source  # pylint: disable=g-import-not-at-top
     source = seqio_source.SeqioSource(config)
   else:
@@ -141,18 +117,3 @@ def make_source(config: Any):
   if int(config.peft.get('num_tasks', 1)) == 1:
     return source
   return BankedSource(source, task_bank_for(config, source))
-
-
-def gather_strings(items: list) -> list:
-  """All processes' lists (of JSON-able items), concatenated in process order."""
-  if jax.process_count() == 1:
-    return list(items)
-  data = np.frombuffer(json.dumps(items).encode('utf-8'), np.uint8)
-  lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int32))
-  padded = np.zeros((int(lengths.max()),), np.uint8)
-  padded[:data.size] = data
-  every = multihost_utils.process_allgather(padded)
-  out = []
-  for row, n in zip(np.asarray(every), np.asarray(lengths).reshape(-1)):
-    out += json.loads(bytes(row[:n]).decode('utf-8'))
-  return out

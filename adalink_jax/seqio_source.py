@@ -1,6 +1,11 @@
 """Batches from registered seqio Tasks / Mixtures (``config.data.kind = 'seqio'``).
 
-Each process reads its own shard (``seqio.ShardInfo(process_index, process_count)``).
+The tasks come from a *task package* (default: the repository's ``tasks`` package, imported
+here and only here in the library): :class:`SeqioSource` builds a
+:class:`data.DataConfig` from ``config.data`` and hands it to the package's
+``register_all``, so the tasks read this run's data folders, vocabulary, image size and
+truncation mode; nothing is configured globally. Each process reads its own shard
+(``seqio.ShardInfo(process_index, process_count)``).
 
 Training is index-addressable: batch ``k`` is a fixed function of the config and ``k``, and
 ``train_batches(k)`` computes it without producing batches ``0..k-1`` (T5X checkpoints the
@@ -35,46 +40,43 @@ import numpy as np
 
 from adalink_jax import data
 from adalink_jax import evaluation
-from adalink_jax import input_pipeline
+from adalink_jax import multihost
 from adalink_jax.env import import_tensorflow
 
 tf = import_tensorflow()
 import seqio  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# The default task package: the one place the library imports it (it registers nothing when
+# imported; SeqioSource calls its register_all with the run's data config).
+import tasks as default_task_package  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 log = logging.getLogger(__name__)
 
 
-def _configure(d: Any):
-  """Points the task registry at this run's data, vocabulary, prompt style and truncation."""
-  dirs = {k: v for k, v in dict(d.get('data_dirs') or {}).items() if v}
-  data.configure(tfds_data_dir=d.get('tfds_data_dir') or None,
-                 vocab_path=d.get('vocab') or None, image_size=int(d.image_size),
-                 data_dirs=dirs or None, truncate=d.get('truncate') or None)
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import  (registers every task)
-
-
-def _datasets_of(name: str) -> list[str]:
-  """The benchmark names (image-skip counter keys) of a task or of a mixture's tasks."""
-  from tasks import common  # pylint: disable=g-import-not-at-top  (registered by _configure)
-  task = seqio.get_mixture_or_task(name)
+def _datasets_of(task: Any, benchmark_of) -> list[str]:
+  """The benchmark names (image-skip counter keys) of a seqio task or of a mixture's tasks."""
   out = []
   for t in getattr(task, 'tasks', [task]):
     try:
-      out.append(common.benchmark_of(t.name))
+      out.append(benchmark_of(t.name))
     except KeyError:
       out.append(t.name)
   return out
 
 
-def no_examples_error(task: str, split: str, what: str) -> data.NoExamplesError:
-  """One line: ``task``/``split`` gave no ``what``, with the image skips and where they lay."""
+def no_examples_error(task: Any, split: str, what: str, config: data.DataConfig,
+                      benchmark_of) -> data.NoExamplesError:
+  """One line: ``task``/``split`` gave no ``what``, with the image skips and where they lay
+  (``config``: the data config the task was built with; ``benchmark_of``: task name ->
+  image-skip counter key)."""
   skipped = data.skipped_images()
   parts = []
-  for name in _datasets_of(task):
+  datasets = _datasets_of(task, benchmark_of)
+  for name in datasets:
     if skipped.get(name):
       folder = data.skipped_images_folder(name)
-      key = data.data_dir_key_of(folder)
-      where = f' (data dir {key!r}: {data.config().data_dirs[key]!r})' if key else ''
+      key = config.data_dir_key_of(folder)
+      where = f' (data dir {key!r}: {config.data_dirs[key]!r})' if key else ''
       parts.append(f'dataset {name!r}: {skipped[name]} unreadable image file(s) skipped, '
                    f'looked in {folder!r}{where}')
   if parts:
@@ -83,9 +85,9 @@ def no_examples_error(task: str, split: str, what: str) -> data.NoExamplesError:
               'and that the data dir points at the right copy')
   else:
     reason = (f'no image was skipped, so the split itself is empty for this process; check '
-              f'the annotation files of {_datasets_of(task)} and config.data.data_dirs')
-  return data.NoExamplesError(f'config.data.task {task!r}, split {split!r}, gave no {what}: '
-                              f'{reason}')
+              f'the annotation files of {datasets} and config.data.data_dirs')
+  return data.NoExamplesError(f'config.data.task {task.name!r}, split {split!r}, gave no '
+                              f'{what}: {reason}')
 
 
 def _one_line_errors(it: Iterator) -> Iterator:
@@ -133,11 +135,17 @@ def _postprocess_prediction(task: Any, text: str) -> Any:
 
 
 class SeqioSource:
-  """``train_batches`` / ``eval_batches`` / ``decode_text`` over a seqio Task or Mixture."""
+  """``train_batches`` / ``eval_batches`` / ``decode_text`` over a seqio Task or Mixture.
 
-  def __init__(self, config: Any):
+  ``task_package`` (default: ``tasks``) has ``register_all(data_config)``, ``TASK_IDS`` and
+  ``benchmark_of(task_name)``; ``data_config`` is built from ``config.data``.
+  """
+
+  def __init__(self, config: Any, task_package: Any = None):
     d = config.data
-    _configure(d)
+    self.data_config = data.DataConfig.from_config(d)
+    self.task_package = task_package or default_task_package
+    self.task_package.register_all(self.data_config)
     self.config = config
     self.lengths = {'inputs': int(d.text_len), 'targets': int(d.target_len)}
     self.train_task = seqio.get_mixture_or_task(d.task)
@@ -161,7 +169,7 @@ class SeqioSource:
     # Training streams keep every position and flag unreadable images (see _filled).
     self.stream_converter = _FlaggedConverter(image_size=self.eval_converter.image_size,
                                               with_task_id=task_ids)
-    self.local_batch = input_pipeline.local_batch_size(int(config.batch_size))
+    self.local_batch = multihost.local_batch_size(int(config.batch_size))
     # One process reads everything (seqio's default); several each read their own shard.
     self.shard = (seqio.ShardInfo(jax.process_index(), jax.process_count())
                   if jax.process_count() > 1 else None)
@@ -170,11 +178,6 @@ class SeqioSource:
     log.info('vocabulary: %s (+%d extra ids; set by config.data.vocab%s), %d ids',
              self.vocab.sentencepiece_model_file, self.vocab.extra_ids,
              '' if d.get('vocab') else ", empty: the default", self.vocab.vocab_size)
-    model_vocab = int(config.model.get('t5', {}).get('vocab_size', 0) or 0)
-    if model_vocab and self.vocab.vocab_size > model_vocab:
-      raise ValueError(f'the task vocabulary has {self.vocab.vocab_size} ids but '
-                       f'config.model.t5.vocab_size={model_vocab}: ids beyond the embedding '
-                       'table would be silently clamped; raise config.model.t5.vocab_size')
 
   def _numpy(self, ds, keep=()) -> Iterator[dict]:
     for b in _one_line_errors(ds.as_numpy_iterator()):
@@ -200,13 +203,12 @@ class SeqioSource:
     """seqio's own pipeline (shuffle buffer after preprocessing) with ``skip(start)`` batches:
     resuming produces, and decodes, every earlier batch. Used for packed batches, whose
     boundaries depend on every example before them."""
-    d = self.config.data
     ds = self.train_task.get_dataset(self.lengths, split=self.train_split,
                                      shuffle=True, seed=int(self.config.seed), num_epochs=None,
                                      shard_info=self.shard, use_cached=False)
     ds = self.converter(ds, self.lengths).batch(self.local_batch, drop_remainder=True)
     return self._nonempty(self._numpy(ds.skip(start).prefetch(tf.data.AUTOTUNE)),
-                          d.task, self.train_split)
+                          self.train_task, self.train_split)
 
   def _train_tasks(self) -> list[tuple[Any, float]]:
     """(task, mixing rate) of every training task that has the training split."""
@@ -273,7 +275,7 @@ class SeqioSource:
     ``windows`` holds positions ``[k * B, (k + 1) * B)`` per item, so a batch without an
     unreadable image is its window as is; otherwise the next windows fill its slots.
     """
-    task, size = self.config.data.task, self.local_batch
+    size = self.local_batch
     pending: collections.deque = collections.deque()
     for k in itertools.count(start):
       picks, got = [], 0
@@ -281,13 +283,14 @@ class SeqioSource:
         if len(picks) == len(pending):
           pending.append(next(windows, None))
           if pending[-1] is None:
-            raise no_examples_error(task, self.train_split, f'batch of {size} examples')
+            raise self._no_examples(self.train_task, self.train_split,
+                                    f'batch of {size} examples')
         window = pending[len(picks)]
         rows = np.flatnonzero(window['_ok'])[:size - got]
         picks.append((window, rows))
         got += len(rows)
         if got < size and len(picks) * size > self.scan_limit:
-          raise no_examples_error(task, self.train_split, (
+          raise self._no_examples(self.train_task, self.train_split, (
               f'batch of {size} examples (batch {k}: the {len(picks) * size} examples from '
               f'stream position {k * size} on have {got} readable images)'))
       pending.popleft()
@@ -303,19 +306,37 @@ class SeqioSource:
     return 2 * sum(t.source.num_input_examples(self.train_split)
                    for t, _ in self._train_tasks()) + self.local_batch
 
-  def _nonempty(self, batches: Iterator[dict], task: str, split: str) -> Iterator[dict]:
+  def _no_examples(self, task: Any, split: str, what: str) -> data.NoExamplesError:
+    return no_examples_error(task, split, what, self.data_config,
+                             self.task_package.benchmark_of)
+
+  def _nonempty(self, batches: Iterator[dict], task: Any, split: str) -> Iterator[dict]:
     """``batches``, but raising :func:`no_examples_error` if there is not even one."""
     any_batch = False
     for b in batches:
       any_batch = True
       yield b
     if not any_batch:
-      raise no_examples_error(task, split, f'batch of {self.local_batch} examples')
+      raise self._no_examples(task, split, f'batch of {self.local_batch} examples')
 
   def eval_tasks(self) -> list[evaluation.EvalTask]:
     """Each eval task with its own postprocessor and metric functions (see tasks/*.py)."""
-    return [evaluation.EvalTask(t.name, functools.partial(_postprocess_prediction, t),
-                                tuple(t.metric_fns)) for t in self.eval_seqio_tasks]
+    return [self._eval_task(t) for t in self.eval_seqio_tasks]
+
+  def _eval_task(self, t: seqio.Task) -> evaluation.EvalTask:
+    labels = self.task_package.common.LABEL_WORDS.get(t.name, ())
+    candidates = None
+    if labels:
+      from adalink_jax import rank_classification  # pylint: disable=g-import-not-at-top
+      candidates = rank_classification.word_candidates(self.vocab, labels)
+      if candidates.shape[1] > self.lengths['targets']:
+        # Scored by decoding alone: the label words do not fit the answer length.
+        log.warning('task %s: no rank classification -- its longest label word takes %d tokens '
+                    'with EOS but config.data.target_len=%d', t.name, candidates.shape[1],
+                    self.lengths['targets'])
+        labels, candidates = (), None
+    return evaluation.EvalTask(t.name, functools.partial(_postprocess_prediction, t),
+                               tuple(t.metric_fns), labels, candidates)
 
   def eval_batches(self, num_batches: int, task: str) -> Iterator[dict]:
     """One eval task's examples in file order, with ``targets`` postprocessed by the task
@@ -341,7 +362,7 @@ class SeqioSource:
     if rows:  # the last, partial batch: padded, with 'valid' marking the real rows
       yield self._eval_batch(t, rows, ref_rows)
     elif not batches:
-      raise no_examples_error(task, d.get('eval_split', 'validation'), 'example')
+      raise self._no_examples(t, d.get('eval_split', 'validation'), 'example')
 
   def _eval_batch(self, task, rows, ref_rows) -> dict:
     n = len(rows)

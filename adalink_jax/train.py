@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from adalink_jax import cli
+from adalink_jax import config_env
 from adalink_jax import preemption
 
 FLAGS = flags.FLAGS
@@ -60,6 +61,7 @@ def _main(argv):
   config = FLAGS.config
   if config is None:
     raise app.UsageError('--config=configs/<experiment>.py is required')
+  config_env.fill_config(config, os.environ)  # ADALINK_* variables fill empty data fields
   if FLAGS.dry_run:
     from adalink_jax import dry_run  # pylint: disable=g-import-not-at-top
     print(dry_run.report(config))

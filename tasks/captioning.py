@@ -16,7 +16,6 @@ from tasks import prompts
 from adalink_jax.env import import_tensorflow
 
 tf = import_tensorflow()
-import seqio  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # seqio split -> TFDS split. Karpathy 'restval' images are training data (113,287 images).
@@ -24,6 +23,23 @@ COCO_SPLITS = {'train': 'train+restval', 'validation': 'val', 'test': 'test'}
 COCO_TFDS_NAME = 'coco_captions:1.1.0'
 
 TEXTCAPS_FILES = {'train': 'TextCaps_0.1_train.json', 'validation': 'TextCaps_0.1_val.json'}
+
+# The data-dir keys these tasks read (each is a field config.data.data_dirs.<key>) and where to
+# get the data, quoted when it is missing.
+DATA_DIRS: dict[str, str] = {
+    'textcaps': ('TextCaps (https://textvqa.org/textcaps/): '
+                 'https://dl.fbaipublicfiles.com/textvqa/data/textcaps/TextCaps_0.1_{train,val}'
+                 '.json; images are TextVQA\'s '
+                 'https://dl.fbaipublicfiles.com/textvqa/images/train_val_images.zip '
+                 '(train_images/)'),
+    'textcaps_images': 'optional: the TextCaps image folder (default <textcaps>/train_images)',
+}
+# COCO Captions come from TFDS (config.data.tfds_data_dir), not from a data dir.
+COCO_CAPTIONS_HINT = ('TFDS coco_captions (Karpathy splits): run `tfds build coco_captions '
+                      '--data_dir=<tfds_data_dir>`; it downloads COCO 2014 from '
+                      'http://images.cocodataset.org and the splits from '
+                      'https://cs.stanford.edu/people/karpathy/deepimagesent/'
+                      'caption_datasets.zip')
 
 
 def _coco_to_common(ds: tf.data.Dataset, split: str) -> tf.data.Dataset:
@@ -41,7 +57,7 @@ def _coco_to_common(ds: tf.data.Dataset, split: str) -> tf.data.Dataset:
   return ds.map(lambda ex: {**ex, 'target': ex['answers'][0]})
 
 
-def textcaps_records(split: str) -> list[dict]:
+def textcaps_records(config: data.DataConfig, split: str) -> list[dict]:
   """TextCaps_0.1_{train,val}.json -> records.
 
   Official entries: ``{'image_id', 'image_name', 'image_path', 'caption_str',
@@ -50,8 +66,8 @@ def textcaps_records(split: str) -> list[dict]:
   ``<textcaps>/train_images``).
   """
   fname = TEXTCAPS_FILES[split]
-  root = data.data_dir('textcaps', expected=[fname])
-  images = data.config().data_dirs.get('textcaps_images') or os.path.join(root, 'train_images')
+  root = data.data_dir(config, 'textcaps', expected=[fname], hint=DATA_DIRS['textcaps'])
+  images = config.data_dirs.get('textcaps_images') or os.path.join(root, 'train_images')
   entries = common.read_json(os.path.join(root, fname))['data']
 
   def path(e):
@@ -74,26 +90,26 @@ def textcaps_records(split: str) -> list[dict]:
   return out
 
 
-def register(style: str) -> None:
-  """Registers ``coco_captions_{style}`` and ``textcaps_{style}``."""
-  feats = common.image_output_features()
+def register(style: str, config: data.DataConfig) -> None:
+  """Registers ``coco_captions_{style}`` and ``textcaps_{style}``, reading ``config``'s data."""
+  feats = common.image_output_features(config)
   for bench, source in (
       ('coco_captions', common.TrainingFlagTfdsSource(
-          COCO_TFDS_NAME, COCO_SPLITS, hint_key='coco_captions', map_fn=_coco_to_common,
+          COCO_TFDS_NAME, COCO_SPLITS, hint=COCO_CAPTIONS_HINT,
+          tfds_data_dir=config.tfds_data_dir, map_fn=_coco_to_common,
           # Keep JPEG bytes until after sharding / seqio's in-memory caching of small splits
           # (5,000 decoded val images would take ~4.6 GB).
           decoders={'image': tfds.decode.SkipDecoding()})),
-      ('textcaps', common.JsonImageSource('textcaps', textcaps_records,
-                                          splits=tuple(TEXTCAPS_FILES))),
+      ('textcaps', common.JsonImageSource(
+          'textcaps', functools.partial(textcaps_records, config),
+          splits=tuple(TEXTCAPS_FILES))),
   ):
     name = common.task_name(bench, style)
     common.add_task(
         name,
         source=source,
-        preprocessors=[functools.partial(common.decode_images, dataset_name=bench),
-                       seqio.CacheDatasetPlaceholder(required=False),
-                       *common.text_chain(name, prompts.image_templates(bench, style),
-                                          common.TASK_IDS[bench])],
+        preprocessors=common.image_preprocessors(config, bench, name,
+                                                 prompts.image_templates(bench, style)),
         output_features=feats,
         postprocess_fn=common.references_postprocessor,
         metric_fns=[metrics.seqio_caption_metrics],

@@ -38,7 +38,7 @@ TRAIN = 'train'
 # styles (and by MNLI's matched / mismatched eval tasks). Append only; never reorder.
 BENCHMARKS = ('coco_captions', 'textcaps', 'vqav2', 'okvqa', 'textvqa', 'stvqa', 'docvqa',
               'glue_cola', 'glue_sst2', 'glue_mrpc', 'glue_qqp', 'glue_stsb', 'glue_mnli',
-              'glue_qnli', 'glue_rte')
+              'glue_qnli', 'glue_rte', 'mr', 'trec')
 TASK_IDS: dict[str, int] = {b: i for i, b in enumerate(BENCHMARKS)}
 
 
@@ -63,20 +63,23 @@ def task_id(task_name: str) -> int:
   return TASK_IDS[benchmark_of(task_name)]
 
 
-def resolve_style(style: Optional[str] = None) -> str:
-  """``style`` or, if None, the configured default (``data.configure(prompt_style=...)``)."""
-  style = style or data.config().prompt_style
+def resolve_style(style: Optional[str] = None,
+                  config: Optional[data.DataConfig] = None) -> str:
+  """``style``, else ``config.prompt_style``, else the default ('raw'); checked."""
+  style = style or (config or data.DataConfig()).prompt_style
   if style not in data.PROMPT_STYLES:
     raise ValueError(f'prompt style must be one of {data.PROMPT_STYLES}, got {style!r}')
   return style
 
 
-def task_name(benchmark: str, style: Optional[str] = None) -> str:
+def task_name(benchmark: str, style: Optional[str] = None, *,
+              config: Optional[data.DataConfig] = None) -> str:
   """Registered name of a benchmark in a prompt style: ('vqav2', 'mmit') -> 'vqav2_mmit'.
 
-  GLUE benchmarks follow T5's naming: ('glue_cola', 'raw') -> 'glue_cola_v002_raw'.
+  Without ``style``, ``config.prompt_style`` (default 'raw'). GLUE benchmarks follow T5's
+  naming: ('glue_cola', 'raw') -> 'glue_cola_v002_raw'.
   """
-  style = resolve_style(style)
+  style = resolve_style(style, config)
   if benchmark.startswith('glue_'):
     return f'{benchmark}_v002_{style}'
   return f'{benchmark}_{style}'
@@ -89,9 +92,9 @@ def _passthrough(dtype, rank):
                        rank=rank, required=True)
 
 
-def text_output_features() -> dict[str, seqio.Feature]:
-  """inputs / targets (configured SentencePiece, EOS appended) and the scalar task id."""
-  vocab = data.get_vocabulary()
+def text_output_features(config: data.DataConfig) -> dict[str, seqio.Feature]:
+  """inputs / targets (``config``'s SentencePiece, EOS appended) and the scalar task id."""
+  vocab = data.get_vocabulary(config)
   return {
       'inputs': seqio.Feature(vocab, add_eos=True, required=True),
       'targets': seqio.Feature(vocab, add_eos=True),
@@ -99,9 +102,9 @@ def text_output_features() -> dict[str, seqio.Feature]:
   }
 
 
-def image_output_features() -> dict[str, seqio.Feature]:
+def image_output_features(config: data.DataConfig) -> dict[str, seqio.Feature]:
   """Text features plus ``image`` float32 [S, S, 3] in [-1, 1]."""
-  return {**text_output_features(), 'image': _passthrough(tf.float32, 3)}
+  return {**text_output_features(config), 'image': _passthrough(tf.float32, 3)}
 
 
 # ---------------------------------------------------------------------------------- sources
@@ -155,18 +158,19 @@ class JsonImageSource(seqio.FunctionDataSource):
   """Examples from official JSON annotation files plus an image folder.
 
   ``records_fn(split) -> list[dict]`` reads the JSON (only when a dataset or its size is
-  first requested) and returns :func:`record` dicts; they are kept in memory per split and
-  data folder. The source shuffles the whole record list per epoch (seeded: epoch ``e`` of
-  seed ``s`` always gives the same order) and shards by example index, so every host reads
-  only its own images. :meth:`stream` is the training form: endless and index-addressable
-  (it starts at any position without producing the ones before).
+  first requested) and returns :func:`record` dicts; they are kept in memory per split (a
+  source is built, by ``register``, for one data configuration). The source shuffles the
+  whole record list per epoch (seeded: epoch ``e`` of seed ``s`` always gives the same
+  order) and shards by example index, so every host reads only its own images.
+  :meth:`stream` is the training form: endless and index-addressable (it starts at any
+  position without producing the ones before).
   """
 
   def __init__(self, name: str, records_fn: Callable[[str], list[dict]],
                splits: Sequence[str]):
     self._name = name
     self._records_fn = records_fn
-    self._cache: dict[tuple, list[dict]] = {}
+    self._cache: dict[str, list[dict]] = {}
     self._reads: dict[str, dict] = {}
     super().__init__(dataset_fn=self._dataset_fn, splits=splits)
 
@@ -179,14 +183,13 @@ class JsonImageSource(seqio.FunctionDataSource):
     return True
 
   def records(self, split: str) -> list[dict]:
-    """The split's examples (cached per configured data folders)."""
+    """The split's examples (read once per split)."""
     if split not in self.splits:
       raise ValueError(f'{self._name} has no split {split!r}; splits: {list(self.splits)}')
-    key = (split, tuple(sorted(data.config().data_dirs.items())))
-    if key not in self._cache:
-      self._cache[key] = self._records_fn(split)
-      logging.info('%s/%s: %d examples', self._name, split, len(self._cache[key]))
-    return self._cache[key]
+    if split not in self._cache:
+      self._cache[split] = self._records_fn(split)
+      logging.info('%s/%s: %d examples', self._name, split, len(self._cache[split]))
+    return self._cache[split]
 
   def num_input_examples(self, split: str) -> int:
     return len(self.records(split))
@@ -273,18 +276,22 @@ class TrainingFlagTfdsSource(seqio.TfdsDataSource):
   """A TfdsDataSource whose examples also carry ``is_training`` (True on 'train').
 
   ``map_fn(ds, split)`` optionally reshapes the TFDS examples (e.g. into the common schema);
-  everything else, including ``num_input_examples``, is seqio's TfdsDataSource unchanged.
+  ``hint`` (how to prepare the dataset) is quoted when it is not prepared in ``tfds_data_dir``
+  (None: TFDS's default). Everything else, including ``num_input_examples``, is seqio's
+  TfdsDataSource unchanged.
   """
 
-  def __init__(self, tfds_name: str, splits: Mapping[str, str], hint_key: str,
+  def __init__(self, tfds_name: str, splits: Mapping[str, str], hint: str,
+               tfds_data_dir: Optional[str] = None,
                map_fn: Optional[Callable[[tf.data.Dataset, str], tf.data.Dataset]] = None,
                decoders: Optional[Mapping[str, Any]] = None):
     # read_only: never download / prepare implicitly (seqio's default would start fetching
     # COCO from inside a training job); an unprepared dataset raises a clear error instead.
-    super().__init__(tfds_name=tfds_name, splits=dict(splits), decoders=decoders,
-                     read_only=True)
+    super().__init__(tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, splits=dict(splits),
+                     decoders=decoders, read_only=True)
     self._map_fn = map_fn
-    self._hint_key = hint_key
+    self._hint = hint
+    self._tfds_data_dir = tfds_data_dir
 
   def get_dataset(self, split: str = TRAIN, shuffle: bool = True, seed: Optional[int] = None,
                   shard_info: Optional[seqio.ShardInfo] = None, **kwargs) -> tf.data.Dataset:
@@ -292,11 +299,12 @@ class TrainingFlagTfdsSource(seqio.TfdsDataSource):
       ds = super().get_dataset(split, shuffle=shuffle, seed=seed, shard_info=shard_info,
                                **kwargs)
     except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
-      where = data.config().tfds_data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')
+      # TFDS's own default, named in the message only (read when the error happens).
+      where = self._tfds_data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')
       raise data.DataNotFoundError(
           f'TFDS dataset {self.tfds_dataset.name!r} (split {split!r}) is not prepared in '
-          f'{where!r}; set it with adalink_jax.data.configure(tfds_data_dir=...). '
-          f'{data.DOWNLOAD_HINTS[self._hint_key]}. TFDS said: {e}') from e
+          f'{where!r}; set --config.data.tfds_data_dir=DIR (library use: '
+          f'DataConfig.configure(tfds_data_dir=...)). {self._hint}. TFDS said: {e}') from e
     if self._map_fn is not None:
       ds = self._map_fn(ds, split)
     training = split == TRAIN
@@ -326,9 +334,10 @@ class TrainingFlagTfdsSource(seqio.TfdsDataSource):
 # ---------------------------------------------------------------------------- preprocessors
 
 
-def decode_images(dataset: tf.data.Dataset, dataset_name: str) -> tf.data.Dataset:
-  """Gets each example's image, skipping (and counting) unreadable ones; resizes it to the
-  configured size and scales it to [-1, 1] float32.
+def decode_images(dataset: tf.data.Dataset, dataset_name: str, *, size: int,
+                  method: str = 'bilinear') -> tf.data.Dataset:
+  """Gets each example's image, skipping (and counting) unreadable ones; resizes it to
+  ``size`` x ``size`` (``method``) and scales it to [-1, 1] float32.
 
   The image comes from ``image_path`` (a file), ``image_encoded`` (bytes, e.g. TFDS with
   skipped decoding; ``id`` names a bad one) or ``image`` (already decoded uint8). On a
@@ -336,8 +345,6 @@ def decode_images(dataset: tf.data.Dataset, dataset_name: str) -> tf.data.Datase
   ``_ok=False`` and a blank image, so stream positions stay aligned for resuming; the batcher
   (``SeqioSource.train_batches``) leaves it out.
   """
-  size = data.config().image_size  # read when the pipeline is built, not at import
-
   spec = dataset.element_spec
   flagged = '_ok' in spec  # a training stream: keep the example in place, flagged
 
@@ -357,7 +364,7 @@ def decode_images(dataset: tf.data.Dataset, dataset_name: str) -> tf.data.Datase
       dataset = dataset.map(lambda ex: {k: v for k, v in ex.items() if k != '_ok'})
 
   def resize(ex):
-    return {**ex, 'image': data.preprocess_image(ex['image'], size)}
+    return {**ex, 'image': data.preprocess_image(ex['image'], size, method)}
   return dataset.map(resize, num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -488,7 +495,7 @@ def _fit_one(tokens, budget: int, head, starts, mode: str, task: str, feature: s
           f'({_LENGTH_SETTINGS.get(feature, feature)} minus EOS) and config.data.truncate='
           f"'error'; raise {_LENGTH_SETTINGS.get(feature, feature)} or set "
           "config.data.truncate to 'question_start' or 'end'")
-    data.record_truncation(task, feature, ident, n, budget)
+    data.record_truncation(task, feature, ident, n, budget, mode)
     return kept
 
   def over():
@@ -501,18 +508,17 @@ def _fit_one(tokens, budget: int, head, starts, mode: str, task: str, feature: s
 
 def fit_to_length(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
                   sequence_length: Optional[Mapping[str, int]] = None, *, task: str,
-                  templates: Sequence[str]) -> tf.data.Dataset:
+                  templates: Sequence[str], mode: str) -> tf.data.Dataset:
   """Fits the token features to ``sequence_length`` (room kept for EOS), then appends EOS.
 
-  Replaces seqio's ``append_eos_after_trim`` (which silently keeps the head). The mode is
-  ``data.config().truncate``, read when the pipeline is built: 'question_start' keeps the
+  Replaces seqio's ``append_eos_after_trim`` (which silently keeps the head). ``mode`` (the
+  data config's ``truncate``, see ``data.TRUNCATE_MODES``): 'question_start' keeps the
   inputs' prompt prefix (:func:`prompt_prefix` of the example's template, by
   ``prompt_index``) and the end of the rest from a word start on (so the kept inputs may be
   a few tokens shorter than the limit), 'end' keeps the head, 'error' raises
   :class:`data.TruncationError`. Targets keep their head unless 'error'. Every cut is
   counted (``data.truncations()``) under ``task``.
   """
-  mode = data.config().truncate
   feats = _token_features(output_features)
   heads = starts = None
   if mode == 'question_start' and 'inputs' in feats and sequence_length:
@@ -541,21 +547,32 @@ def fit_to_length(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.
   return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def image_preprocessors(config: data.DataConfig, bench: str, task: str,
+                        templates: Sequence[str]) -> list:
+  """Every preprocessor of an image task: decode and resize (``config.image_size``), cache
+  point, then :func:`text_chain` (``task``: the registered name; ids by ``bench``)."""
+  return [functools.partial(decode_images, dataset_name=bench, size=config.image_size,
+                            method=config.resize_method),
+          seqio.CacheDatasetPlaceholder(required=False),
+          *text_chain(task, templates, TASK_IDS[bench], truncate=config.truncate)]
+
+
 def add_task_id(dataset: tf.data.Dataset, task_id_value: int) -> tf.data.Dataset:
   """Adds the scalar int32 ``task_id`` feature."""
   tid = tf.constant(task_id_value, tf.int32)
   return dataset.map(lambda ex: {**ex, 'task_id': tid}, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def text_chain(task: str, templates: Sequence[str], tid: int,
+def text_chain(task: str, templates: Sequence[str], tid: int, *, truncate: str,
                target_field: str = 'target') -> list:
   """Prompting, tokenization, fitting to length + EOS and the task id: the tail of every task's
-  preprocessors (``task``: its registered name, under which truncations are counted)."""
+  preprocessors (``task``: its registered name, under which truncations are counted;
+  ``truncate``: the data config's mode, see :func:`fit_to_length`)."""
   templates = tuple(templates)
   return [
       functools.partial(format_prompts, templates=templates, target_field=target_field),
       tokenize_text,
-      functools.partial(fit_to_length, task=task, templates=templates),
+      functools.partial(fit_to_length, task=task, templates=templates, mode=truncate),
       functools.partial(add_task_id, task_id_value=tid),
   ]
 
@@ -584,10 +601,20 @@ _REGISTERED_TASKS: list[str] = []
 _REGISTERED_MIXTURES: list[str] = []
 
 
-def add_task(name: str, **kwargs) -> seqio.Task:
-  """(Re)registers a task; remembered so :func:`clear_registrations` can undo it."""
+# Task name -> its label words, for tasks scored by rank classification too (see
+# adalink_jax.evaluation.EvalTask); seqio tasks have no field for them.
+LABEL_WORDS: dict[str, tuple[str, ...]] = {}
+
+
+def add_task(name: str, label_words: Sequence[str] = (), **kwargs) -> seqio.Task:
+  """(Re)registers a task; remembered so :func:`clear_registrations` can undo it.
+  ``label_words``: a classification task's answers, in class order."""
   seqio.TaskRegistry.remove(name)
   task = seqio.TaskRegistry.add(name, **kwargs)
+  if label_words:
+    LABEL_WORDS[name] = tuple(label_words)
+  else:
+    LABEL_WORDS.pop(name, None)
   if name not in _REGISTERED_TASKS:
     _REGISTERED_TASKS.append(name)
   return task

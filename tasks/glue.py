@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
+from adalink_jax import data
 from adalink_jax import metrics
 from tasks import common
 from tasks import prompts
@@ -21,6 +22,10 @@ import seqio  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GLUE_VERSION = '2.0.0'
+# GLUE comes from TFDS (config.data.tfds_data_dir): no data-dir key.
+DATA_DIRS: dict[str, str] = {}
+GLUE_HINT = ('TFDS glue (https://gluebenchmark.com/tasks): run `tfds build glue '
+             '--data_dir=<tfds_data_dir>`')
 _STD_SPLITS = {'train': 'train', 'validation': 'validation', 'test': 'test'}
 _MNLI_SPLITS = {'train': 'train', 'validation_matched': 'validation_matched',
                 'validation_mismatched': 'validation_mismatched',
@@ -94,10 +99,11 @@ def metric_fns(name: str) -> list:
   }[base]
 
 
-def register(style: str) -> None:
-  """Registers ``glue_<name>_v002_{style}`` for every entry of ``GLUE_TASKS``."""
-  feats = common.text_output_features()
-  for name, (config, splits) in GLUE_TASKS.items():
+def register(style: str, config: data.DataConfig) -> None:
+  """Registers ``glue_<name>_v002_{style}`` for every entry of ``GLUE_TASKS`` (``config``: the
+  vocabulary, TFDS data dir and truncation)."""
+  feats = common.text_output_features(config)
+  for name, (tfds_config, splits) in GLUE_TASKS.items():
     classes = label_classes(name)
     # T5's postprocessors (also applied to the targets): label word -> class id (-1 if not a
     # label word), STS-B string -> float (-1.0 if unparsable).
@@ -105,16 +111,19 @@ def register(style: str) -> None:
                    functools.partial(metrics.string_label_to_class_id,
                                      label_classes=tuple(classes)))
     source = common.TrainingFlagTfdsSource(
-        f'glue/{config}:{GLUE_VERSION}', splits, hint_key='glue',
-        map_fn=functools.partial(_label_to_target, name=name))
+        f'glue/{tfds_config}:{GLUE_VERSION}', splits, hint=GLUE_HINT,
+        tfds_data_dir=config.tfds_data_dir, map_fn=functools.partial(_label_to_target, name=name))
     task = common.task_name(f'glue_{name}', style)
     common.add_task(
         task,
         source=source,
         preprocessors=[seqio.CacheDatasetPlaceholder(required=False),
                        *common.text_chain(task, prompts.glue_templates(name, style),
-                                          common.task_id(f'glue_{name}'))],
+                                          common.task_id(f'glue_{name}'),
+                                          truncate=config.truncate)],
         output_features=feats,
+        # Classification tasks are also scored by rank classification over these words.
+        label_words=tuple(classes or ()),
         postprocess_fn=postprocess,
         metric_fns=metric_fns(name),
     )

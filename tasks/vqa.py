@@ -14,10 +14,34 @@ from adalink_jax import data
 from adalink_jax import metrics
 from tasks import common
 from tasks import prompts
-from adalink_jax.env import import_tensorflow
 
-tf = import_tensorflow()
-import seqio  # pylint: disable=g-import-not-at-top,wrong-import-position
+# The data-dir keys these tasks read (each is a field config.data.data_dirs.<key>) and where to
+# get the data, quoted when it is missing. '<name>_images' optionally moves '<name>'s images.
+DATA_DIRS: dict[str, str] = {
+    'coco': ('COCO 2014 images: http://images.cocodataset.org/zips/train2014.zip and '
+             'http://images.cocodataset.org/zips/val2014.zip (unzip to <coco>/train2014, '
+             '<coco>/val2014)'),
+    'vqav2': ('VQAv2 (https://visualqa.org/download.html): '
+              'https://s3.amazonaws.com/cvmlp/vqa/mscoco/vqa/v2_Questions_{Train,Val}_mscoco.zip '
+              'and https://s3.amazonaws.com/cvmlp/vqa/mscoco/vqa/v2_Annotations_{Train,Val}'
+              '_mscoco.zip; images from COCO 2014 (data dir key "coco")'),
+    'okvqa': ('OK-VQA (https://okvqa.allenai.org/download.html): '
+              'https://okvqa.allenai.org/static/data/OpenEnded_mscoco_{train,val}2014_questions'
+              '.json.zip and https://okvqa.allenai.org/static/data/mscoco_{train,val}2014_'
+              'annotations.json.zip; images from COCO 2014 (data dir key "coco")'),
+    'textvqa': ('TextVQA (https://textvqa.org/dataset/): '
+                'https://dl.fbaipublicfiles.com/textvqa/data/TextVQA_0.5.1_{train,val}.json and '
+                'https://dl.fbaipublicfiles.com/textvqa/images/train_val_images.zip '
+                '(unzips to train_images/)'),
+    'textvqa_images': 'optional: the TextVQA image folder (default <textvqa>/train_images)',
+    'stvqa': ('ST-VQA task 3 (https://rrc.cvc.uab.es/?ch=11, registration required): '
+              'train_task_3.json and train_images/'),
+    'stvqa_images': 'optional: the ST-VQA image folder (default <stvqa>/train_images)',
+    'docvqa': ('DocVQA (https://rrc.cvc.uab.es/?ch=17, registration required): '
+               '{train,val}_v1.0_withQT.json (or {train,val}_v1.0.json) and the documents/ '
+               'image folders of each split'),
+    'docvqa_images': 'optional: the DocVQA image folder (default <docvqa>/<split folder>)',
+}
 
 COCO_SUBSETS = {'train': 'train2014', 'validation': 'val2014'}
 VQAV2_FILES = {s: (f'v2_OpenEnded_mscoco_{c}_questions.json', f'v2_mscoco_{c}_annotations.json')
@@ -32,14 +56,18 @@ STVQA_HOLDOUT_MODULO = 10
 DOCVQA_SPLITS = {'train': 'train', 'validation': 'val'}
 
 
-def _coco_vqa_records(key: str, files: dict, split: str) -> list[dict]:
+def _data_dir(config: data.DataConfig, key: str, expected=()) -> str:
+  return data.data_dir(config, key, expected=expected, hint=DATA_DIRS[key])
+
+
+def _coco_vqa_records(config: data.DataConfig, key: str, files: dict, split: str) -> list[dict]:
   """Joins the question and annotation files of a VQAv2-format dataset."""
   qfile, afile = files[split]
-  root = data.data_dir(key, expected=[qfile, afile])
+  root = _data_dir(config, key, expected=[qfile, afile])
   questions = common.read_json(os.path.join(root, qfile))['questions']
   annotations = {a['question_id']: a
                  for a in common.read_json(os.path.join(root, afile))['annotations']}
-  coco_root = data.data_dir('coco', expected=[COCO_SUBSETS[split]], hint_key='coco')
+  coco_root = _data_dir(config, 'coco', expected=[COCO_SUBSETS[split]])
   subset = COCO_SUBSETS[split]
   out = []
   for q in questions:
@@ -53,26 +81,26 @@ def _coco_vqa_records(key: str, files: dict, split: str) -> list[dict]:
   return out
 
 
-def vqav2_records(split: str) -> list[dict]:
+def vqav2_records(config: data.DataConfig, split: str) -> list[dict]:
   """v2_OpenEnded_mscoco_{train,val}2014_questions.json + v2_mscoco_*_annotations.json."""
-  return _coco_vqa_records('vqav2', VQAV2_FILES, split)
+  return _coco_vqa_records(config, 'vqav2', VQAV2_FILES, split)
 
 
-def okvqa_records(split: str) -> list[dict]:
+def okvqa_records(config: data.DataConfig, split: str) -> list[dict]:
   """OpenEnded_mscoco_{train,val}2014_questions.json + mscoco_*_annotations.json (OK-VQA)."""
-  return _coco_vqa_records('okvqa', OKVQA_FILES, split)
+  return _coco_vqa_records(config, 'okvqa', OKVQA_FILES, split)
 
 
-def _images_dir(key: str, root: str, default_sub: str) -> str:
-  return data.config().data_dirs.get(f'{key}_images') or os.path.join(root, default_sub)
+def _images_dir(config: data.DataConfig, key: str, root: str, default_sub: str) -> str:
+  return config.data_dirs.get(f'{key}_images') or os.path.join(root, default_sub)
 
 
-def textvqa_records(split: str) -> list[dict]:
+def textvqa_records(config: data.DataConfig, split: str) -> list[dict]:
   """TextVQA_0.5.1_{train,val}.json (``data: [{question, question_id, image_id, answers}]``);
   images ``train_images/<image_id>.jpg`` (val images live there too)."""
   fname = TEXTVQA_FILES[split]
-  root = data.data_dir('textvqa', expected=[fname])
-  images = _images_dir('textvqa', root, 'train_images')
+  root = _data_dir(config, 'textvqa', expected=[fname])
+  images = _images_dir(config, 'textvqa', root, 'train_images')
   out = []
   for e in common.read_json(os.path.join(root, fname))['data']:
     answers = list(e.get('answers') or [])
@@ -87,11 +115,11 @@ def stvqa_is_holdout(file_path: str) -> bool:
   return int(digest, 16) % STVQA_HOLDOUT_MODULO == 0
 
 
-def stvqa_records(split: str) -> list[dict]:
+def stvqa_records(config: data.DataConfig, split: str) -> list[dict]:
   """train_task_3.json (``data: [{question_id, question, answers, file_path, ...}]``);
   images ``train_images/<file_path>``."""
-  root = data.data_dir('stvqa', expected=[STVQA_FILE])
-  images = _images_dir('stvqa', root, 'train_images')
+  root = _data_dir(config, 'stvqa', expected=[STVQA_FILE])
+  images = _images_dir(config, 'stvqa', root, 'train_images')
   want_holdout = split != common.TRAIN
   out = []
   for e in common.read_json(os.path.join(root, STVQA_FILE))['data']:
@@ -103,16 +131,17 @@ def stvqa_records(split: str) -> list[dict]:
   return out
 
 
-def docvqa_records(split: str) -> list[dict]:
+def docvqa_records(config: data.DataConfig, split: str) -> list[dict]:
   """{train,val}_v1.0_withQT.json or {train,val}_v1.0.json (``data: [{questionId, question,
   image: 'documents/<name>.png', answers}]``), at the data dir or in its split folder;
   images ``<split folder>/<image>``."""
   sub = DOCVQA_SPLITS[split]
-  root = data.data_dir('docvqa')
+  root = _data_dir(config, 'docvqa')
   jpath = data.first_existing(
       root, [f'{sub}_v1.0_withQT.json', f'{sub}_v1.0.json',
-             f'{sub}/{sub}_v1.0_withQT.json', f'{sub}/{sub}_v1.0.json'], 'docvqa')
-  images = _images_dir('docvqa', root, sub)
+             f'{sub}/{sub}_v1.0_withQT.json', f'{sub}/{sub}_v1.0.json'], 'docvqa',
+      DATA_DIRS['docvqa'])
+  images = _images_dir(config, 'docvqa', root, sub)
   out = []
   for e in common.read_json(jpath)['data']:
     answers = list(e.get('answers') or [])
@@ -121,30 +150,28 @@ def docvqa_records(split: str) -> list[dict]:
   return out
 
 
-# name -> (records_fn, splits, metric name in adalink_jax.metrics)
+# name -> (records_fn(config, split), splits, seqio metric function)
 VQA_DATASETS = {
-    'vqav2': (vqav2_records, tuple(VQAV2_FILES), 'vqa_accuracy'),
-    'okvqa': (okvqa_records, tuple(OKVQA_FILES), 'vqa_accuracy'),
-    'textvqa': (textvqa_records, tuple(TEXTVQA_FILES), 'vqa_accuracy'),
-    'stvqa': (stvqa_records, ('train', 'validation'), 'anls'),
-    'docvqa': (docvqa_records, tuple(DOCVQA_SPLITS), 'anls'),
+    'vqav2': (vqav2_records, tuple(VQAV2_FILES), metrics.seqio_vqa_accuracy),
+    'okvqa': (okvqa_records, tuple(OKVQA_FILES), metrics.seqio_vqa_accuracy),
+    'textvqa': (textvqa_records, tuple(TEXTVQA_FILES), metrics.seqio_vqa_accuracy),
+    'stvqa': (stvqa_records, ('train', 'validation'), metrics.seqio_anls),
+    'docvqa': (docvqa_records, tuple(DOCVQA_SPLITS), metrics.seqio_anls),
 }
 
 
-def register(style: str) -> None:
-  """Registers ``{vqav2,okvqa,textvqa,stvqa,docvqa}_{style}``."""
-  feats = common.image_output_features()
-  metric_fns = {'vqa_accuracy': metrics.seqio_vqa_accuracy, 'anls': metrics.seqio_anls}
-  for bench, (records_fn, splits, metric) in VQA_DATASETS.items():
+def register(style: str, config: data.DataConfig) -> None:
+  """Registers ``{vqav2,okvqa,textvqa,stvqa,docvqa}_{style}``, reading ``config``'s data."""
+  feats = common.image_output_features(config)
+  for bench, (records_fn, splits, metric_fn) in VQA_DATASETS.items():
     name = common.task_name(bench, style)
     common.add_task(
         name,
-        source=common.JsonImageSource(bench, records_fn, splits=splits),
-        preprocessors=[functools.partial(common.decode_images, dataset_name=bench),
-                       seqio.CacheDatasetPlaceholder(required=False),
-                       *common.text_chain(name, prompts.image_templates(bench, style),
-                                          common.TASK_IDS[bench])],
+        source=common.JsonImageSource(bench, functools.partial(records_fn, config),
+                                      splits=splits),
+        preprocessors=common.image_preprocessors(config, bench, name,
+                                                 prompts.image_templates(bench, style)),
         output_features=feats,
         postprocess_fn=common.references_postprocessor,
-        metric_fns=[metric_fns[metric]],
+        metric_fns=[metric_fn],
     )

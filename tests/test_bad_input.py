@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from adalink_jax import config_lib
 from adalink_jax import data
 from adalink_jax import seqio_source
+import tasks
 from tests import test_tasks
 
 # tests/test_tasks.py's writers of official-format files, real images and the vocabulary.
@@ -63,12 +64,7 @@ def vqa(tmp_path_factory):
     _write_split(root, os.path.join(root, 'coco'), subset)
     _write_split(root, os.path.join(root, 'bad_coco'), subset, corrupt=True)
   vocab = _train_vocab(root, [LONG_Q, LONG_A, 'what is this which bus'])
-  before = data.config()
-  data.configure(extra_ids=0)  # the model is small; no sentinel ids needed
   yield {'root': root, 'vocab_path': vocab}
-  data.set_data_dirs({'vqav2': None, 'coco': None})
-  data.configure(vocab_path=before.vocab_path, extra_ids=before.extra_ids,
-                 image_size=before.image_size, truncate=before.truncate)
   data.reset_truncations()
   data.reset_skipped_images()
 
@@ -81,6 +77,8 @@ def _config(vqa, coco='coco', **data_over):
   c.data.data_dirs.vqav2 = os.path.join(vqa['root'], 'vqav2')
   c.data.data_dirs.coco = os.path.join(vqa['root'], coco)
   c.data.text_len, c.data.target_len = 16, 8
+  with c.data.unlocked():
+    c.data.extra_ids = 0  # the model is small; no sentinel ids needed
   for k, v in data_over.items():
     c.data[k] = v
   return c
@@ -242,7 +240,6 @@ def _offline():
 
 @pytest.mark.skipif(not _offline(), reason='the default vocabulary is readable online')
 def test_default_gs_vocabulary_offline_says_it_is_the_default(vqa):
-  data.configure(vocab_path=data.DEFAULT_VOCAB_PATH)
   msg = _vocab_error(vqa, '', tried=data.DEFAULT_VOCAB_PATH)  # '': the default
   for part in ('the default: config.data.vocab is empty', 'Could not resolve host',
                f'gsutil cp {data.DEFAULT_VOCAB_PATH} .', 'spiece.model in a Hugging Face'):
@@ -268,15 +265,15 @@ def test_readme_data_dir_override_reaches_the_data(vqa):
               f'--config.data.data_dirs.coco={coco}', f'--config.data.vocab={vqa["vocab_path"]}',
               '--config.data.text_len=16', '--config.data.target_len=8'])
   assert (c.data.data_dirs.vqav2, c.data.data_dirs.coco) == (vqav2, coco)
-  data.set_data_dirs({'vqav2': None, 'coco': None})
-  rows = _eval_rows(seqio_source.SeqioSource(c))
-  assert data.config().data_dirs['vqav2'] == vqav2
+  source = seqio_source.SeqioSource(c)
+  rows = _eval_rows(source)
+  assert source.data_config.data_dirs['vqav2'] == vqav2
   assert [r[2] for r in rows[1:]] == ['answer en what is this?', 'answer en which bus?']
   # Every known key is a field, in the multimodal and GLUE configs alike.
   for cfg, truncate in (('coco_mmit', 'question_start'), ('glue_t5xxl', 'end')):
     c = _parse([f'--config={ROOT}/configs/{cfg}.py'] +
-               [f'--config.data.data_dirs.{k}=/d/{k}' for k in data.DATA_DIR_KEYS])
-    assert dict(c.data.data_dirs) == {k: f'/d/{k}' for k in data.DATA_DIR_KEYS}
+               [f'--config.data.data_dirs.{k}=/d/{k}' for k in tasks.DATA_DIR_KEYS])
+    assert dict(c.data.data_dirs) == {k: f'/d/{k}' for k in tasks.DATA_DIR_KEYS}
     assert c.data.truncate == truncate
 
 

@@ -2,6 +2,7 @@
 PaLI feature converter. References we did not write: PyTorch's bilinear interpolation, PIL's
 decoders, SentencePiece, and seqio's own EncDecFeatureConverter (with and without packing)."""
 import io
+import os
 
 import numpy as np
 import pytest
@@ -15,31 +16,35 @@ from adalink_jax.env import import_tensorflow
 tf = import_tensorflow()
 import seqio  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import tasks  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 # ------------------------------------------------------------------------- configuration
 
 
-def test_data_dirs_and_missing_data_messages(tmp_path, monkeypatch):
+def test_data_dirs_and_missing_data_messages(tmp_path):
   with pytest.raises(ValueError, match='unknown data dir key'):
-    data.set_data_dirs({'vqa2': '/x'})
-  monkeypatch.setattr(data, '_CONFIG', data.DataConfig())
+    tasks.register_all(data.DataConfig().set_data_dirs({'vqa2': '/x'}))
+  cfg, hint = data.DataConfig(), tasks.DOWNLOAD_HINTS['textvqa']
   with pytest.raises(data.DataNotFoundError) as e:
-    data.data_dir('textvqa', expected=['TextVQA_0.5.1_train.json', 'train_images'])
+    data.data_dir(cfg, 'textvqa', expected=['TextVQA_0.5.1_train.json', 'train_images'],
+                  hint=hint)
   msg = str(e.value)
   for part in ("'textvqa'", 'ADALINK_DATA_TEXTVQA', 'set_data_dirs', 'TextVQA_0.5.1_train.json',
                'https://dl.fbaipublicfiles.com/textvqa/data/TextVQA_0.5.1_'):
     assert part in msg
   (tmp_path / 'TextVQA_0.5.1_train.json').write_text('{}')
-  data.set_data_dirs({'textvqa': str(tmp_path)})
+  cfg = cfg.set_data_dirs({'textvqa': str(tmp_path)})
   with pytest.raises(data.DataNotFoundError) as e:
-    data.data_dir('textvqa', expected=['TextVQA_0.5.1_train.json', 'train_images'])
+    data.data_dir(cfg, 'textvqa', expected=['TextVQA_0.5.1_train.json', 'train_images'],
+                  hint=hint)
   msg = str(e.value)
   assert "['train_images']" in msg and str(tmp_path) in msg
   assert 'TextVQA_0.5.1_train.json' in msg  # listed among the folder's contents
   (tmp_path / 'train_images').mkdir()
-  assert data.data_dir('textvqa', expected=['train_images']) == str(tmp_path)
-  data.set_data_dirs({'textvqa': None})
-  assert 'textvqa' not in data.config().data_dirs
+  assert data.data_dir(cfg, 'textvqa', expected=['train_images']) == str(tmp_path)
+  cfg = cfg.set_data_dirs({'textvqa': None})
+  assert 'textvqa' not in cfg.data_dirs
 
 
 def test_environment_configuration(monkeypatch):
@@ -49,33 +54,29 @@ def test_environment_configuration(monkeypatch):
   monkeypatch.setenv('ADALINK_PROMPT_STYLE', 'mmit')
   monkeypatch.setenv('ADALINK_VOCAB', '/v/spm.model')
   monkeypatch.setenv('ADALINK_EXTRA_IDS', '0')
-  cfg = data._config_from_env()  # pylint: disable=protected-access
+  cfg = data.config_from_env(os.environ)
   assert cfg.data_dirs == {'vqav2': '/data/vqa', 'coco': '/data/coco'}
   assert (cfg.image_size, cfg.prompt_style, cfg.vocab_path, cfg.extra_ids) == (
       448, 'mmit', '/v/spm.model', 0)
   with pytest.raises(ValueError, match='prompt_style'):
-    data.configure(prompt_style='fancy')
+    data.DataConfig().configure(prompt_style='fancy')
   with pytest.raises(ValueError, match='image_size'):
-    data.configure(image_size=0)
+    data.DataConfig().configure(image_size=0)
 
 
-def test_vocabulary_from_config_and_change_callbacks(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, '_CONFIG', data.DataConfig())
-  monkeypatch.setattr(data, '_VOCAB_CALLBACKS', [])
-  assert data.get_vocabulary().sentencepiece_model_file == data.DEFAULT_VOCAB_PATH
-  assert data.get_vocabulary().extra_ids == 100
+def test_vocabulary_from_config(tmp_path):
+  default = data.DataConfig()
+  assert data.get_vocabulary(default).sentencepiece_model_file == data.DEFAULT_VOCAB_PATH
+  assert data.get_vocabulary(default).extra_ids == 100
   prefix = str(tmp_path / 'sp')
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(['a tiny corpus for a tiny model', 'caption en answer en']),
       model_prefix=prefix, vocab_size=40, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
       hard_vocab_limit=False, minloglevel=2, num_threads=1)
-  calls = []
-  data.on_vocabulary_change(lambda: calls.append(data.get_vocabulary()))
-  data.configure(vocab_path=prefix + '.model', extra_ids=7)
-  assert len(calls) == 1
-  data.configure(vocab_path=prefix + '.model', extra_ids=7)  # unchanged: no callback
-  assert len(calls) == 1
-  vocab = calls[0]
+  cfg = default.configure(vocab_path=prefix + '.model', extra_ids=7)
+  vocab = data.get_vocabulary(cfg)
+  assert data.get_vocabulary(default.configure(vocab_path=prefix + '.model', extra_ids=7)) is vocab
+  assert data.get_vocabulary(default) is not vocab  # the default config is unchanged
   n = spm.SentencePieceProcessor(model_file=prefix + '.model').get_piece_size()
   assert vocab.vocab_size == n + 7 and vocab.eos_id == 1 and vocab.pad_id == 0
   assert vocab.decode(vocab.encode('caption en')) == 'caption en'

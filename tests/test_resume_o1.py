@@ -62,11 +62,7 @@ def files(tmp_path_factory):
   texts = [e['question'] + ' ' + ' '.join(e['answers']) for b in exp.values()
            for rows in b.values() for e in rows] + _write_vqav2_train(root)
   vocab = _train_vocab(root, texts)
-  before = data.config()
   yield {'root': root, 'vocab': vocab}
-  data.set_data_dirs({k: None for k in DIRS})
-  data.configure(vocab_path=before.vocab_path, extra_ids=before.extra_ids,
-                 image_size=before.image_size)
   data.reset_skipped_images()
   data.reset_truncations()
 

@@ -202,16 +202,13 @@ def env(tmp_path_factory):
   texts = [e['question'] + ' ' + ' '.join(e['answers']) for b in exp.values()
            for rows in b.values() for e in rows]
   vocab_path = _train_vocab(root, texts)
-  before = data.config()
-  data.configure(vocab_path=vocab_path, extra_ids=0, image_size=SIZE)
   dirs = {k: os.path.join(root, k) for k in
           ('coco', 'vqav2', 'okvqa', 'textvqa', 'textcaps', 'stvqa', 'docvqa')}
-  data.set_data_dirs(dirs)
+  config = data.DataConfig(vocab_path=vocab_path, extra_ids=0, image_size=SIZE, data_dirs=dirs)
+  tasks.register_all(config)
   data.reset_skipped_images()
-  yield {'root': root, 'exp': exp, 'vocab': data.get_vocabulary(), 'dirs': dirs}
-  data.set_data_dirs({k: None for k in dirs})
-  data.configure(vocab_path=before.vocab_path, extra_ids=before.extra_ids,
-                 image_size=before.image_size)
+  yield {'root': root, 'exp': exp, 'vocab': data.get_vocabulary(config), 'dirs': dirs,
+         'config': config}
 
 
 def _decode(vocab, row):
@@ -287,22 +284,23 @@ def test_corrupt_image_skipped_and_counted(env):
 
 
 def test_missing_data_errors_name_files_and_sources(env, tmp_path):
-  data.set_data_dirs({'okvqa': None})
+  tasks.register_all(env['config'].set_data_dirs({'okvqa': None}))
   try:
     with pytest.raises(data.DataNotFoundError) as e:
       seqio.get_mixture_or_task('okvqa_raw').get_dataset(LENGTHS, split='train')
     msg = str(e.value)
     assert 'ADALINK_DATA_OKVQA' in msg and 'OpenEnded_mscoco_train2014_questions.json' in msg
     assert 'https://okvqa.allenai.org' in msg
-    data.set_data_dirs({'okvqa': str(tmp_path)})  # configured, but empty
+    tasks.register_all(env['config'].set_data_dirs({'okvqa': str(tmp_path)}))  # but empty
     with pytest.raises(data.DataNotFoundError) as e:
       seqio.get_mixture_or_task('okvqa_raw').get_dataset(LENGTHS, split='validation')
     msg = str(e.value)
     assert str(tmp_path) in msg and 'mscoco_val2014_annotations.json' in msg
   finally:
-    data.set_data_dirs({'okvqa': env['dirs']['okvqa']})
+    tasks.register_all(env['config'])
   # TFDS datasets are never downloaded implicitly: an unprepared one names the build command.
-  data.configure(tfds_data_dir=str(tmp_path / 'tfds'))
+  with_tfds = env['config'].configure(tfds_data_dir=str(tmp_path / 'tfds'))
+  tasks.register_all(with_tfds)
   try:
     with pytest.raises(data.DataNotFoundError) as e:
       seqio.get_mixture_or_task('glue_rte_v002_raw').get_dataset(LENGTHS, split='train')
@@ -310,8 +308,8 @@ def test_missing_data_errors_name_files_and_sources(env, tmp_path):
     assert str(tmp_path / 'tfds') in msg and 'tfds build glue' in msg
     assert 'https://gluebenchmark.com' in msg
   finally:
-    data.configure(tfds_data_dir='')
-  assert data.config().tfds_data_dir is None
+    tasks.register_all(env['config'])
+  assert with_tfds.configure(tfds_data_dir='').tfds_data_dir is None  # '': TFDS's default
 
 
 def _mmit_prompts(split, seed):
@@ -350,7 +348,7 @@ def test_json_source_shards_and_seeded_epoch_shuffle(env):
   n = len(ids)
   assert sorted(a[:n]) == sorted(a[n:]) == sorted(ids) and a[:n] != a[n:]
   # The converter's default image size is the configured one.
-  assert data.PaLIFeatureConverter().image_size == SIZE
+  assert data.PaLIFeatureConverter.for_config(env['config']).image_size == SIZE
 
 
 def test_mixtures(env):
@@ -377,11 +375,8 @@ def test_mixtures(env):
 def test_names_styles_and_task_ids(env):
   assert tasks.task_name('vqav2', 'mmit') == 'vqav2_mmit'
   assert tasks.task_name('glue_cola', 'raw') == 'glue_cola_v002_raw'
-  data.configure(prompt_style='mmit')
-  try:
-    assert tasks.task_name('textcaps') == 'textcaps_mmit'  # style from the config
-  finally:
-    data.configure(prompt_style='raw')
+  mmit = env['config'].configure(prompt_style='mmit')
+  assert tasks.task_name('textcaps', config=mmit) == 'textcaps_mmit'  # style from the config
   assert tasks.task_name('textcaps') == 'textcaps_raw'
   for style in ('raw', 'mmit'):
     for b in tasks.BENCHMARKS:
@@ -398,7 +393,7 @@ def test_vocabulary_change_reregisters(env, tmp_path):
   task = seqio.get_mixture_or_task('docvqa_raw')
   assert task.output_features['inputs'].vocabulary is env['vocab']
   assert task.output_features['inputs'].vocabulary.vocab_size == spm.SentencePieceProcessor(
-      model_file=data.config().vocab_path).get_piece_size()
+      model_file=env['config'].vocab_path).get_piece_size()
 
 
 # ----------------------------------------------------------------------------- TFDS tasks

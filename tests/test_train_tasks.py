@@ -6,7 +6,6 @@ import pytest
 import seqio
 import tensorflow_datasets as tfds
 
-from adalink_jax import data
 from adalink_jax import trainer
 from tests import test_tasks
 from tests.test_train import tiny_config
@@ -21,11 +20,7 @@ def files(tmp_path_factory, assets):
   texts = [e['question'] + ' ' + ' '.join(e['answers']) for b in exp.values()
            for rows in b.values() for e in rows]
   vocab = test_tasks._train_vocab(root, texts)  # pylint: disable=protected-access
-  before = data.config()
   yield {'root': root, 'vocab': vocab}
-  data.set_data_dirs({k: None for k in DIRS})
-  data.configure(vocab_path=before.vocab_path, extra_ids=before.extra_ids,
-                 image_size=before.image_size)
 
 
 from tests.test_train import assets  # noqa: E402,F401  (module fixture used by `files`)
@@ -81,4 +76,14 @@ def test_glue_task_trains_and_evaluates(assets, files, tmp_path, monkeypatch, pa
       first = next(seqio_source.SeqioSource(c).train_batches(0))
       assert first['encoder_segment_ids'].max() >= 2  # really packed
     trainer.train(c, str(tmp_path))
-  _check(str(tmp_path), 'accuracy', 24)  # the task's own metric (T5's GLUE RTE: accuracy)
+  ev = _check(str(tmp_path), 'accuracy', 24)  # the task's own metric (T5's GLUE RTE: accuracy)
+  # ... and by rank classification over RTE's label words (entailment / not_entailment).
+  assert 0.0 <= ev['rank_accuracy'] <= 100.0 and 'glue_rte_v002_raw/rank_accuracy' in ev
+
+
+def test_a_vocabulary_larger_than_the_token_table_is_refused(assets, files, tmp_path):  # noqa: F811
+  """Ids beyond the embedding table would be clamped by the lookup: one clear error instead."""
+  c = _seqio_config(assets, files, 'vqav2_raw', 'pali', 'vqa_accuracy')
+  c.model.t5.vocab_size = 256  # the fixture's vocabulary has 420 pieces + 100 sentinels
+  with pytest.raises(ValueError, match=r'task vocabulary \(520 ids.*token table \(256 rows'):
+    trainer.Trainer(c, str(tmp_path))
