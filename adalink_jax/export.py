@@ -1,8 +1,9 @@
 """``python -m adalink_jax.export --config=configs/X.py --workdir=RUN --out=DIR [--fold] [--backbone]``.
 
 Default: the adapter alone (``adapter.safetensors`` + ``adapter_card.json`` with method, ranks,
-modalities, tasks, base model and the base weights' hash). ``--fold`` also writes the text
-AdaLink folded into an encoder input-embedding table (``folded_embedding.safetensors``) that
+modalities, tasks, base model and the base weights' hash). ``--fold`` also writes the adapter
+folded into base weights (``folded_embedding.safetensors``), for methods that fold (their
+``registry.Method.fold``): AdaLink's text adapter becomes an encoder input-embedding table that
 an unmodified T5 serves at no extra cost; for a per-task bank, ``--task=NAME`` names the task
 to fold (one of the card's ``bank_tasks``, e.g. ``--task=vqav2``). ``--backbone`` writes the
 whole model (frozen + trainable merged) as a native backbone, e.g. the MMIT checkpoint the
@@ -22,7 +23,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'the run\'s config file', lock_config=True)
 flags.DEFINE_string('workdir', None, 'workdir of the training run')
 flags.DEFINE_string('out', None, 'output directory')
-flags.DEFINE_bool('fold', False, 'also write the folded text embedding table (AdaLink)')
+flags.DEFINE_bool('fold', False, 'also write the adapter folded into base weights (AdaLink: '
+                  'the text embedding table)')
 flags.DEFINE_bool('backbone', False, 'write frozen + trainable merged as a native backbone')
 flags.DEFINE_string('task', '', 'with --fold and a per-task bank: the name of the task to fold '
                     '(one of the bank_tasks in the adapter card)')
@@ -52,6 +54,27 @@ def fold_index(bank, task: str, fold: bool):
     raise app.UsageError(f'--task: {e}') from e
 
 
+def folder(peft_block, fold: bool):
+  """With ``--fold``: the method's fold function ``(merged params, bank index) -> tensors``.
+
+  Asked before anything is written; UsageError if the method (or this config of it) does not
+  fold. None without ``--fold``.
+  """
+  if not fold:
+    return None
+  from adalink_jax.peft import methods, registry  # pylint: disable=g-import-not-at-top
+  cfg = methods.parse(dict(peft_block))
+  method = registry.get(cfg.method)
+  if method.fold is None:
+    folding = [m.name for m in registry.methods() if m.fold is not None]
+    raise app.UsageError(f'--fold: peft.method={cfg.method} has no folded form (methods that '
+                         f'fold: {", ".join(folding)}); drop --fold')
+  try:
+    return method.fold(cfg)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -67,6 +90,7 @@ def main(argv):
   t = trainer_lib.Trainer(config, FLAGS.out)
   bank = getattr(t.source, 'bank', None)
   task_index = fold_index(bank, FLAGS.task, FLAGS.fold)
+  fold = folder(config.peft, FLAGS.fold)
   trainable, frozen = t.init_params()
   step, trainable, meta = trainer_lib.restore_trainable(t, trainable, FLAGS.workdir)
   backbone.check_same(meta.get('backbone', {}), backbone.describe(config.init, frozen), frozen)
@@ -83,19 +107,13 @@ def main(argv):
                            extra={'step': step, 'source_run': os.path.abspath(FLAGS.workdir)},
                            bank_tasks=bank.names if bank is not None else None)
   print(f'wrote adapter ({card["num_params"]:,} params) to {FLAGS.out}')
-  if FLAGS.fold:
-    if config.peft.method != 'adalink' or 'text' not in tuple(config.peft.modalities):
-      raise app.UsageError('--fold needs a text AdaLink (peft.method=adalink with modality text)')
-    params = peft.merge(trainable, frozen)
-    emb = params['t5' if config.model.family == 'pali' else 'token_embedder']
-    emb = emb['token_embedder']['embedding'] if config.model.family == 'pali' else emb['embedding']
-    adapters = params.get('encoder_input_adapter') or params['t5']['encoder_input_adapter']
-    table = peft.fold_text_embedding(emb, adapters['text'], config.peft.activation,
-                                     task=task_index)
-    save_file({'token_embedder/embedding': np.asarray(table)},
-              os.path.join(FLAGS.out, 'folded_embedding.safetensors'))
+  if fold is not None:
+    folded = fold(peft.merge(trainable, frozen), task_index)
+    tensors = {k: np.asarray(v) for k, v in folded.items()}
+    save_file(tensors, os.path.join(FLAGS.out, 'folded_embedding.safetensors'))
     which = '' if task_index is None else f' for task {bank.names[task_index]!r}'
-    print(f'wrote folded encoder embedding table {tuple(table.shape)}{which}')
+    shapes = ', '.join(f'{k} {tuple(v.shape)}' for k, v in tensors.items())
+    print(f'wrote folded weights {shapes}{which}')
   return 0
 
 

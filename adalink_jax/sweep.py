@@ -29,6 +29,7 @@ import sys
 from typing import Any
 
 from adalink_jax import cli
+from adalink_jax.peft import registry
 
 SWEEP_EVAL = 'sweep_eval'
 
@@ -102,8 +103,8 @@ def _done(cmd: list[str]) -> bool:
 def method_label(over: dict[str, str]) -> str:
   """``adalink r=16``, ``prompt 20``, ``ft`` ... from a point's overrides."""
   m = over.get('peft.method', '')
-  size = {'adalink': 'peft.rank', 'lora': 'peft.rank', 'prompt': 'peft.prompt_length',
-          'adapter': 'peft.adapter_dim'}.get(m)
+  field = registry.get(m).size_field if m in registry.names() else None
+  size = f'peft.{field}' if field else None
   if size and size in over:
     return f'{m} {"r=" if "rank" in size else ""}{over[size]}'
   return m or 'default'

@@ -18,9 +18,10 @@ backward, optimizer step; ``torch.set_num_threads(--threads)``.
 
 Methods (:data:`OURS`, :data:`PEER`): LoRA is PEFT's default for T5 (r=8, alpha=8, q and v of
 every attention, no dropout) and ours with the same rank, alpha and targets; prompt tuning uses
-100 virtual tokens on both sides; AdaLink (rank 64, text) and bottleneck adapters have no PEFT
-counterpart, so they are compared with PEFT's LoRA step. IA3 is not implemented in adalink_jax
-and is skipped. Writes ``peer.json`` and ``peer.md`` under ``--out``.
+100 virtual tokens on both sides; IA3 is PEFT's T5 default (keys, values, the input of the
+MLP's ``wo``) and ours on the same three places; AdaLink (rank 64, text) and bottleneck
+adapters have no PEFT counterpart, so they are compared with PEFT's LoRA step. Writes
+``peer.json`` and ``peer.md`` under ``--out``.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import os
 import sys
 import time
 
+from adalink_jax.peft import registry
 from bench import common
 
 _ONE_LAYER = dict(num_encoder_layers=1, num_decoder_layers=1)
@@ -43,7 +45,6 @@ MODELS = {
              't5_base': dict(name='t5_1_1_base', batch=8, text_len=512, target_len=64)},
 }
 
-METHODS = ('ft', 'adalink', 'lora', 'prompt', 'adapter')
 PROMPT_TOKENS = 100
 # Our peft blocks, matched to the peer's settings where the peer has the method.
 OURS = {
@@ -52,11 +53,15 @@ OURS = {
     'lora': dict(method='lora', rank=8, lora_alpha=8.0, lora_targets=('query', 'value')),
     'prompt': dict(method='prompt', prompt_length=PROMPT_TOKENS),
     'adapter': dict(method='adapter', adapter_dim=64, adapter_where=('attention', 'mlp')),
+    # PEFT's T5 default: keys, values and the input of the MLP's output projection (wo).
+    'ia3': dict(method='ia3', ia3_targets=('key', 'value', 'mlp_hidden')),
 }
+# The methods compared: those of OURS, each a registered method (adalink_jax.peft.registry).
+METHODS = registry.check(tuple(OURS), 'bench.peer.OURS')
 # The peer's methods: None = plain model (full FT); otherwise a PEFT config (defaults + these).
-PEER = {'ft': None, 'lora': dict(kind='lora'),
+PEER = {'ft': None, 'lora': dict(kind='lora'), 'ia3': dict(kind='ia3'),
         'prompt': dict(kind='prompt', num_virtual_tokens=PROMPT_TOKENS)}
-SKIPPED = {'ia3': 'not implemented in adalink_jax (no IA3 method in adalink_jax.peft)'}
+SKIPPED: dict[str, str] = {}  # peer methods with no counterpart here, and why
 
 
 def _log(msg: str) -> None:
@@ -141,12 +146,15 @@ def _peer_model(spec: dict):
     pcfg = peft.LoraConfig(task_type=task)
   elif p['kind'] == 'prompt':
     pcfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=p['num_virtual_tokens'])
+  elif p['kind'] == 'ia3':
+    pcfg = peft.IA3Config(task_type=task)
   else:
-    raise ValueError(f'peer method kind {p["kind"]!r}: expected lora or prompt')
+    raise ValueError(f'peer method kind {p["kind"]!r}: expected lora, prompt or ia3')
   model = peft.get_peft_model(model, pcfg)
   c = model.peft_config['default']
   shown = {k: getattr(c, k) for k in ('r', 'lora_alpha', 'lora_dropout', 'target_modules',
-                                      'num_virtual_tokens') if hasattr(c, k)}
+                                      'feedforward_modules', 'num_virtual_tokens')
+           if hasattr(c, k)}
   return model, json.loads(json.dumps(shown, default=sorted))
 
 
@@ -301,8 +309,8 @@ def _parse(argv):
   if set(args.models) - set(MODELS[args.size]):
     p.error(f'--models: choose from {sorted(MODELS[args.size])} at --size={args.size}')
   if set(args.methods) - set(METHODS):
-    p.error(f'--methods: choose from {METHODS} ({", ".join(SKIPPED)} is skipped: '
-            f'{"; ".join(SKIPPED.values())})')
+    skipped = f' ({", ".join(SKIPPED)} skipped: {"; ".join(SKIPPED.values())})' if SKIPPED else ''
+    p.error(f'--methods: choose from {METHODS}{skipped}')
   if min(args.steps, args.rounds, args.threads) < 1 or args.warmup < 0:
     p.error('--steps, --rounds and --threads must be >= 1 and --warmup >= 0')
   if not _installed('peft'):

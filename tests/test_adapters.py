@@ -43,7 +43,7 @@ def _base():
 
 def _built(**peft_cfg):
   built = peft.build(peft_cfg, CFG)
-  model = t5.T5(built.t5_config, built.encoder_input_adapter, built.decoder_input_adapter)
+  model = t5.T5(built.model_config, built.encoder_input_adapter, built.decoder_input_adapter)
   return built, model
 
 
@@ -199,7 +199,7 @@ def test_prompt_tuning_prepends_prompt_with_vocab_init():
   table = base['token_embedder']['embedding']
   built = peft.build(dict(method='prompt', prompt_length=5, prompt_init='vocab',
                           prompt_vocab_first_n=50), CFG, embedding_table=table)
-  model = t5.T5(built.t5_config, built.encoder_input_adapter)
+  model = t5.T5(built.model_config, built.encoder_input_adapter)
   trainable, _ = peft.split(_init(model), built.trainable)
   prompt = np.asarray(trainable['encoder_input_adapter']['prompt'])
   assert prompt.shape == (5, CFG.d_model)
@@ -218,8 +218,18 @@ def test_prompt_tuning_prepends_prompt_with_vocab_init():
   np.testing.assert_array_equal(np.asarray(out.modality[:, :5]), peft.PROMPT)
   _, mask = model.apply({'params': params}, ENC, IMG, method=model.encode)
   assert mask.shape == (B, 5 + N_IMG + L)
-  with pytest.raises(ValueError, match='embedding_table'):
-    peft.build(dict(method='prompt', prompt_init='vocab'), CFG)
+  # Without a table (the trainer builds the model before loading the backbone) the method's
+  # after_load hook draws the prompt from the loaded table (tests/test_train.py end to end).
+  late = peft.build(dict(method='prompt', prompt_length=5, prompt_init='vocab',
+                         prompt_vocab_first_n=50), CFG)
+  cfg = peft.parse(dict(method='prompt', prompt_length=5, prompt_init='vocab',
+                        prompt_vocab_first_n=50))
+  from adalink_jax.peft import registry  # pylint: disable=g-import-not-at-top
+  drawn, _ = peft.split(_init(t5.T5(late.model_config, late.encoder_input_adapter)), late.trainable)
+  drawn = registry.get('prompt').after_load(cfg, drawn, table, jax.random.key(1))
+  dist = np.abs(np.asarray(drawn['encoder_input_adapter']['prompt'])[:, None, :] -
+                np.asarray(table)[None, :50]).max(-1)
+  assert (dist.min(1) == 0).all()
 
 
 # ------------------------------------------------------------------ counts and config
@@ -239,7 +249,7 @@ def test_adalink_param_count_palix_32b_is_1048576():
   assert counts['groups']['encoder_input_adapter/text']['params'] == 524_288
   assert counts['groups']['encoder_input_adapter/image']['params'] == 524_288
   # Whole 32B-class model, shapes only (nothing allocated): same trainable count.
-  model = t5.T5(built.t5_config.replace(scan_layers=True), built.encoder_input_adapter)
+  model = t5.T5(built.model_config.replace(scan_layers=True), built.encoder_input_adapter)
   full = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 2), jnp.int32),
       image_embeddings=jnp.ones((1, 2, cfg.d_model)))['params'])
@@ -274,7 +284,7 @@ def test_config_errors_name_the_field(peft_cfg, field):
 def test_lora_targets_select_projections():
   """LoRA on 'wi' alone adapts every input projection of the gated MLP and nothing else."""
   built = peft.build(dict(method='lora', rank=2, lora_targets=('query', 'wi')), CFG)
-  model = t5.T5(built.t5_config)
+  model = t5.T5(built.model_config)
   tok = jnp.ones((1, 4), jnp.int32)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tok, tok)['params']
   lora_paths = sorted(k for k in peft.methods._flat(shapes) if '/lora/' in k)

@@ -35,7 +35,7 @@ def test_table_has_a_row_per_method_with_times_and_ratios(res):
   out, r = res
   assert not [x['error'] for x in r['rows'] if 'error' in x]
   md = open(os.path.join(out, 'peer.md')).read()
-  assert '| ours / peer |' in md and 'Skipped: ia3' in md
+  assert '| ours / peer |' in md and 'Skipped' not in md  # IA3 runs on both sides now
   rows = {l.split('|')[2].strip(): [c.strip() for c in l.split('|')[1:-1]]
           for l in md.splitlines() if l.startswith('| t5_tiny |')}
   assert list(rows) == list(peer.METHODS)
@@ -72,11 +72,14 @@ def test_interleaved_with_load_and_matched_settings(res):
   assert by['lora', 'ours']['params_trainable'] == lora['params_trainable'] > 0
   assert by['prompt', 'ours']['params_trainable'] == 100 * _D_MODEL
   assert by['prompt', 'peer']['params_trainable'] == 2 * 100 * _D_MODEL
+  # IA3 scales the same places on both sides (k, v incl. cross-attention, wo's input).
+  assert by['ia3', 'ours']['params_trainable'] == by['ia3', 'peer']['params_trainable'] > 0
   # Same shapes: the full models differ by nothing but the adapters' parameters.
   assert by['ft', 'ours']['params_trainable'] == by['ft', 'peer']['params_trainable']
 
 
-def test_unknown_method_names_the_skip(tmp_path, capsys):
+def test_unknown_method_names_the_choices(tmp_path, capsys):
   with pytest.raises(SystemExit):
-    peer.main([f'--out={tmp_path}', '--size=tiny', '--methods=ia3'])
-  assert 'ia3 is skipped: not implemented in adalink_jax' in capsys.readouterr().err
+    peer.main([f'--out={tmp_path}', '--size=tiny', '--methods=dora'])
+  assert "--methods: choose from ('ft', 'adalink', 'lora', 'prompt', 'adapter', 'ia3')" in \
+      capsys.readouterr().err

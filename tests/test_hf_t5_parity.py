@@ -19,7 +19,8 @@ transformers = pytest.importorskip('transformers')
 from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
 
 from adalink_jax.checkpoints import common, hf  # pylint: disable=g-import-not-at-top
-from adalink_jax.models import intrusive, t5  # pylint: disable=g-import-not-at-top
+from adalink_jax.models import t5  # pylint: disable=g-import-not-at-top
+from adalink_jax.peft import lora  # pylint: disable=g-import-not-at-top
 
 ENC_LEN, DEC_LEN, PAD_FROM = 40, 30, 27  # row 1 of the batch is padded from PAD_FROM on
 
@@ -340,7 +341,7 @@ def test_sharded_and_bf16_files(ckpts, tmp_path):
   _flat_equal(cast, jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), ref))
 
   # Intrusive baselines: the backbone loads unchanged, LoRA params are the caller's to init.
-  _, with_lora = hf.load_hf_t5(d, config=cfg.replace(lora=intrusive.LoRAConfig(rank=2)))
+  _, with_lora = hf.load_hf_t5(d, config=cfg.replace(hooks=lora.hooks(rank=2)))
   _flat_equal(with_lora, ref)
 
 

@@ -54,7 +54,7 @@ def _base():
 def _setup(peft_cfg, batch):
   """-> (model, trainable, frozen) with the frozen part taken from the shared base."""
   built = peft.build(peft_cfg, CFG)
-  model = t5.T5(built.t5_config, built.encoder_input_adapter, built.decoder_input_adapter)
+  model = t5.T5(built.model_config, built.encoder_input_adapter, built.decoder_input_adapter)
   params = nn.unbox(model.init(jax.random.key(1), batch['encoder_input_tokens'],
                                batch['decoder_input_tokens'],
                                image_embeddings=batch.get('image_embeddings'))['params'])
@@ -161,7 +161,7 @@ def test_image_adalink_trains_on_bf16_frozen_base_and_stays_fp32():
 
 def _compiled_flops(peft_cfg, cfg, batch):
   built = peft.build(peft_cfg, cfg)
-  model = t5.T5(built.t5_config, built.encoder_input_adapter)
+  model = t5.T5(built.model_config, built.encoder_input_adapter)
   shapes = jax.eval_shape(lambda b: nn.unbox(model.init(
       jax.random.key(0), b['encoder_input_tokens'], b['decoder_input_tokens'],
       image_embeddings=b['image_embeddings'])['params']), batch)

@@ -22,7 +22,8 @@ from flax import serialization
 
 from adalink_jax.checkpoints.common import CheckpointMismatchError, flatten, unflatten
 from adalink_jax.checkpoints.t5x import load_t5x_params
-from adalink_jax.models import intrusive, t5
+from adalink_jax.models import t5
+from adalink_jax.peft import lora
 from adalink_jax import partitioning
 
 ENC = np.array([[5, 17, 33, 2, 99, 1, 0, 0], [8, 9, 200, 41, 7, 63, 12, 1]], np.int32)
@@ -268,7 +269,7 @@ def test_bf16_stored_checkpoint_into_fp32_model(reference, tmp_path):
 def test_skip_leaves_adapter_params_alone(reference, tmp_path):
   flat, _ = reference
   write_legacy_t5x(tmp_path, 1, flat)
-  model = _model(lora=intrusive.LoRAConfig(rank=2))
+  model = _model(hooks=lora.hooks(rank=2))
   _, expected = _abstract(model)
   params = load_t5x_params(tmp_path, expected, skip=lambda n: '/lora/' in n)
   lora_a = params['encoder']['layers_0']['attention']['query']['lora']['lora_a']

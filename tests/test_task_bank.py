@@ -86,7 +86,7 @@ def test_bank_without_task_id_or_with_float_ids_is_an_error():
 def _t5_bank(**over):
   built = peft.build(dict(method='adalink', rank=4, num_tasks=2, modalities=('text',), **over),
                      CFG)
-  model = t5.T5(built.t5_config, built.encoder_input_adapter, built.decoder_input_adapter)
+  model = t5.T5(built.model_config, built.encoder_input_adapter, built.decoder_input_adapter)
   rng = np.random.default_rng(0)
   enc = jnp.asarray(rng.integers(2, CFG.vocab_size, (2, 6)), jnp.int32)
   dec = jnp.asarray(rng.integers(2, CFG.vocab_size, (2, 4)), jnp.int32)
@@ -160,8 +160,8 @@ def test_host_mapping_to_bank_indices_and_errors():
   with pytest.raises(ValueError, match=r"train batch 4: task id\(s\) 2 \(vqav2\) are not in the "
                      r"adapter bank of num_tasks=2 \['okvqa' \(id 3\), 'coco_captions' \(id 0\)\]"):
     bank.map_batch_task_ids({'task_id': np.array([0, 2, 3])}, 'train batch 4')
-  with pytest.raises(ValueError, match=r'-1 \(unknown task\), 15 \(unknown task\)'):
-    bank.map_batch_task_ids({'task_id': np.array([-1, 15])})
+  with pytest.raises(ValueError, match=r'-1 \(unknown task\), 99 \(unknown task\)'):
+    bank.map_batch_task_ids({'task_id': np.array([-1, 99])})
   with pytest.raises(ValueError, match='has no task_id'):
     bank.map_batch_task_ids({'encoder_input_tokens': np.zeros((2, 3))})
   assert bank.index('okvqa_raw') == 0 and bank.index('coco_captions') == 1

@@ -40,8 +40,8 @@ import ml_dtypes
 import numpy as np
 
 from adalink_jax.checkpoints import common
-from adalink_jax.checkpoints.streaming import (ArraySource, Stacked, Transposed,
-                                               normalize_index, place_all)
+from adalink_jax.checkpoints.streaming import (ON_HOST, ArraySource, Stacked, Transposed,
+                                               normalize_index, place)
 from adalink_jax.models import t5
 
 PathLike = Union[str, os.PathLike]
@@ -153,8 +153,13 @@ def t5_config_from_hf(config_json: dict, **overrides) -> t5.T5Config:
 # ------------------------------------------------------------------ reading files
 
 
-def _locate(path: PathLike) -> tuple[pathlib.Path, list[pathlib.Path]]:
-  """Directory or file path -> (config.json path, safetensors files), with clear errors."""
+def locate(path: PathLike, *, what: str = 'HF T5 checkpoint directory',
+           how_to_get: str = _HOW_TO_GET) -> tuple[pathlib.Path, list[pathlib.Path]]:
+  """A ``save_pretrained`` directory (or its weights / index file) -> (config.json, safetensors).
+
+  what / how_to_get: the caller's words for a missing directory, config.json or weights
+  (an image tower or a Gemma directory says so and how to get one).
+  """
   p = pathlib.Path(path).expanduser()
   if p.is_file():
     if p.name == INDEX_FILE or p.suffix == '.safetensors':
@@ -163,11 +168,11 @@ def _locate(path: PathLike) -> tuple[pathlib.Path, list[pathlib.Path]]:
       raise ValueError(f'{str(p)!r}: pass the save_pretrained directory, {WEIGHTS_FILE} or '
                        f'{INDEX_FILE}')
   if not p.is_dir():
-    raise common.missing_checkpoint_error(p, f'HF T5 checkpoint directory ({CONFIG_FILE} + '
-                                          f'{WEIGHTS_FILE})', _HOW_TO_GET)
+    raise common.missing_checkpoint_error(p, f'{what} ({CONFIG_FILE} + {WEIGHTS_FILE})',
+                                          how_to_get)
   config = p / CONFIG_FILE
   if not config.is_file():
-    raise common.missing_checkpoint_error(config, CONFIG_FILE, _HOW_TO_GET)
+    raise common.missing_checkpoint_error(config, CONFIG_FILE, how_to_get)
   if (p / INDEX_FILE).is_file():
     weight_map = json.loads((p / INDEX_FILE).read_text()).get('weight_map')
     if not isinstance(weight_map, dict) or not all(
@@ -180,26 +185,14 @@ def _locate(path: PathLike) -> tuple[pathlib.Path, list[pathlib.Path]]:
     absent = [f.name for f in files if not f.is_file()]
     if absent:
       raise common.missing_checkpoint_error(p, f'shards {absent} listed in {INDEX_FILE}',
-                                            _HOW_TO_GET)
+                                            how_to_get)
     return config, files
   if (p / WEIGHTS_FILE).is_file():
     return config, [p / WEIGHTS_FILE]
   others = sorted(f.name for f in p.iterdir() if f.suffix in ('.bin', '.pt', '.h5', '.msgpack'))
   hint = (f' Found {others}: only safetensors is read (no pickle); re-save with '
           'save_pretrained(dir, safe_serialization=True).' if others else '')
-  raise common.missing_checkpoint_error(p, f'{WEIGHTS_FILE} or {INDEX_FILE}', _HOW_TO_GET + hint)
-
-
-def _read_bf16(file: pathlib.Path, name: str) -> np.ndarray:
-  # safetensors' numpy mode cannot build bfloat16 arrays; read the bytes at the offsets
-  # the header gives (format: u64-LE header length, JSON header, raw little-endian data).
-  with open(file, 'rb') as f:
-    (n,) = struct.unpack('<Q', f.read(8))
-    entry = json.loads(f.read(n))[name]
-  begin, end = entry['data_offsets']
-  count = (end - begin) // 2
-  data = np.fromfile(file, dtype=ml_dtypes.bfloat16, count=count, offset=8 + n + begin)
-  return data.reshape(entry['shape'])
+  raise common.missing_checkpoint_error(p, f'{WEIGHTS_FILE} or {INDEX_FILE}', how_to_get + hint)
 
 
 _ST_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
@@ -269,7 +262,7 @@ def safetensors_sources(files: list[pathlib.Path]) -> dict[str, SafetensorsSourc
   return out
 
 
-def _same_values(a: ArraySource, b: ArraySource) -> bool:
+def same_values(a: ArraySource, b: ArraySource) -> bool:
   """Elementwise equality of two sources, compared a block of rows at a time."""
   if a.shape != b.shape:
     return False
@@ -359,7 +352,7 @@ class _Opened:
 
   def __init__(self, path: PathLike, config: Optional[t5.T5Config]):
     self.path = path
-    self.config_path, files = _locate(path)
+    self.config_path, files = locate(path)
     hf_cfg = json.loads(self.config_path.read_text())
     self.tensors: dict[str, ArraySource] = safetensors_sources(files)
     derived = t5_config_from_hf(hf_cfg)
@@ -375,11 +368,11 @@ class _Opened:
           break
     self.head = tensors.get('lm_head.weight')
     self.head_is_embedding = self.head is None or (
-        self.shared is not None and _same_values(self.head, self.shared))
+        self.shared is not None and same_values(self.head, self.shared))
     self.derived = derived.replace(tie_embeddings=self.scale and self.head_is_embedding)
     self.cfg = self.derived if config is None else config
     for name in _IGNORED[:2]:
-      if name in tensors and self.shared is not None and not _same_values(tensors[name],
+      if name in tensors and self.shared is not None and not same_values(tensors[name],
                                                                            self.shared):
         raise ValueError(f'{name} differs from shared.weight; separate encoder/decoder '
                          'embeddings are not supported by t5.T5')
@@ -406,7 +399,7 @@ def _map_to_model(ck: _Opened, wanted: Mapping[str, Any]
   its slice of every layer, so no stack is ever built whole on the host.
   """
   cfg = ck.cfg
-  table = _name_table(cfg.replace(scan_layers=False, lora=None, bottleneck=None))
+  table = _name_table(cfg.replace(scan_layers=False, hooks=()))
   used = set(_IGNORED) | {'lm_head.weight'}
   notes = {ours: f'HF {hf}' for ours, (hf, _) in table.items()}
 
@@ -472,15 +465,16 @@ def load_hf_t5_params(path: PathLike, expected: Mapping[str, Any], *,
   Returns a nested dict of ``jax.Array`` shaped like ``expected``.
   """
   ck = _Opened(path, config)
-  exp_flat = common.flatten(expected)
-  wanted = {n: v for n, v in exp_flat.items() if skip is None or not skip(n)}
+  wanted = {n: v for n, v in common.flatten(expected).items() if skip is None or not skip(n)}
   mapped, notes, unmapped = _map_to_model(ck, wanted)
-  common.check_tree(wanted, mapped, source=f'HF checkpoint {str(path)!r}',
-                    extra_unexpected=unmapped, notes=notes)
-  ck.check_settings(config)
-  out = {n: v for n, v in exp_flat.items() if n not in wanted}
-  out.update(place_all(mapped, exp_flat, shardings, dtype))
-  return common.unflatten(out)
+  return _place(ck, config, mapped, expected, shardings=shardings, dtype=dtype, skip=skip,
+                notes=notes, unexpected=unmapped)
+
+
+def _place(ck: _Opened, config: Optional[t5.T5Config], mapped, expected, **kwargs):
+  """Names and shapes first (every mismatch at once), then the settings, then the arrays."""
+  return place(mapped, expected, where=f'HF checkpoint {str(ck.path)!r}',
+               on_checked=lambda: ck.check_settings(config), **kwargs)
 
 
 def load_hf_t5(path: PathLike, config: Optional[t5.T5Config] = None, dtype: Any = None
@@ -503,16 +497,10 @@ def load_hf_t5(path: PathLike, config: Optional[t5.T5Config] = None, dtype: Any 
   """
   ck = _Opened(path, config)
   # Shapes come from the plain model: intrusive baselines add parameters HF files lack.
-  wanted = _expected_shapes(ck.cfg.replace(lora=None, bottleneck=None, remat_policy='none'))
+  wanted = _expected_shapes(ck.cfg.replace(hooks=(), remat_policy='none'))
   mapped, notes, unmapped = _map_to_model(ck, wanted)
-  common.check_tree(wanted, mapped, source=f'HF checkpoint {str(path)!r}',
-                    extra_unexpected=unmapped, notes=notes)
-  ck.check_settings(config)
-  cast = None if dtype is None else jnp.dtype(dtype)
-  flat = {}
-  for name in sorted(mapped):
-    value = mapped[name].read()
-    if cast is not None and jnp.issubdtype(value.dtype, jnp.floating):
-      value = value.astype(cast)
-    flat[name] = value
-  return ck.cfg, common.unflatten(flat)
+  # The file's dtypes unless dtype is given: the expected leaves carry no dtype to cast to.
+  as_stored = {n: jax.ShapeDtypeStruct(v.shape, mapped[n].dtype if n in mapped else v.dtype)
+               for n, v in wanted.items()}
+  return ck.cfg, _place(ck, config, mapped, as_stored, shardings=ON_HOST, dtype=dtype,
+                        notes=notes, unexpected=unmapped)

@@ -1,78 +1,85 @@
-"""The only place where methods reach *inside* transformer blocks: LoRA and bottleneck adapters.
+"""The only place where methods reach *inside* transformer blocks: a table of hooks at named sites.
 
-AdaLink and prompt tuning act at the embedding seam and never touch the blocks;
-the intrusive baselines the paper compares against need hooks in attention and
-MLP projections. They are configured here and referenced from
-:class:`~adalink_jax.models.layers.Dense` (LoRA) and the T5 blocks (adapters).
+AdaLink and prompt tuning act at the embedding seam and never touch the blocks; the intrusive
+baselines (LoRA, bottleneck adapters, IA3) need hooks in the attention and MLP. A model config
+carries ONE field, ``hooks``: a tuple of ``(site, hook)`` pairs (hashable, so it can sit in a
+frozen config). The blocks call :func:`apply` at each site; with ``hooks=()`` they are exactly
+the plain model (no parameters, no ops added). Sites:
+
+  ``query``, ``key``, ``value``, ``out``  attention projections (``y = W x``; hooks see x and y)
+  ``wi``, ``wo``                          MLP projections (``wi``: every input projection of a
+                                          gated MLP)
+  ``mlp_hidden``                          the MLP's inner activation (the input of ``wo``)
+  ``attention_out``, ``mlp_out``          a self-attention / MLP sub-block's output, before the
+                                          residual add
+
+A hook is a frozen dataclass subclassing :class:`Hook`; ``hook(site, y, x)`` runs *inside* the
+module of the site (so the flax modules it creates are children of it: e.g. LoRA's params are
+``.../query/lora/lora_a``) and returns the new ``y``. The hooks themselves live with their
+methods in ``adalink_jax/peft/`` -- this module knows no method.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, NamedTuple, Optional
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from adalink_jax.models.axes import param
-
-Dtype = Any
+PROJECTIONS = ('query', 'key', 'value', 'out', 'wi', 'wo')
+SITES = PROJECTIONS + ('mlp_hidden', 'attention_out', 'mlp_out')
 
 
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig:
-  """LoRA on selected projections: ``W x + (alpha / rank) * B A x`` with B zero-initialised."""
-  rank: int = 8
-  alpha: float = 16.0
-  # Projections that get LoRA: any of query, key, value, out (attention) and wi, wo (MLP).
-  targets: tuple[str, ...] = ('query', 'key', 'value', 'out')
+class Site(NamedTuple):
+  """Where a hook runs. axes: logical axis names of ``(x, y)``'s last dims for a projection
+  (its kernel axes), else ``(y,)``'s; dtype / param_dtype: the host module's."""
+  name: str
+  axes: tuple[str, ...]
+  dtype: Any
+  param_dtype: Any
 
 
-@dataclasses.dataclass(frozen=True)
-class BottleneckConfig:
-  """Houlsby / VL-Adapter bottleneck after attention and/or MLP: ``h + up(act(down(h)))``."""
-  dim: int = 64
-  activation: str = 'relu'
-  where: tuple[str, ...] = ('attention', 'mlp')
+class Hook:
+  """Base of hook specs (subclasses: frozen dataclasses, hence hashable)."""
+
+  def __call__(self, site: Site, y: jax.Array, x: Optional[jax.Array] = None) -> jax.Array:
+    raise NotImplementedError
 
 
-class LoRABranch(nn.Module):
-  """``x[..., in] -> [..., features]`` low-rank update; zero at initialisation."""
-  config: LoRAConfig
-  features: int
-  kernel_axes: tuple[str, str]
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    r = self.config.rank
-    a = param(self, 'lora_a', nn.initializers.he_uniform(), (x.shape[-1], r),
-              self.param_dtype, (self.kernel_axes[0], 'rank'))
-    b = param(self, 'lora_b', nn.initializers.zeros, (r, self.features), self.param_dtype,
-              ('rank', self.kernel_axes[1]))
-    h = jnp.dot(x.astype(self.dtype), a.astype(self.dtype))
-    return jnp.dot(h, b.astype(self.dtype)) * (self.config.alpha / r)
+Hooks = tuple[tuple[str, Hook], ...]
 
 
-class Bottleneck(nn.Module):
-  """``h[..., embed] -> h + up(act(down(h)))``; ``up`` zero-initialised so it starts as identity."""
-  config: BottleneckConfig
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, h: jax.Array) -> jax.Array:
-    d, r = h.shape[-1], self.config.dim
-    down = param(self, 'down_kernel', nn.initializers.lecun_normal(), (d, r), self.param_dtype,
-                 ('embed', 'rank'))
-    down_b = param(self, 'down_bias', nn.initializers.zeros, (r,), self.param_dtype, ('rank',))
-    up = param(self, 'up_kernel', nn.initializers.zeros, (r, d), self.param_dtype,
-               ('rank', 'embed'))
-    up_b = param(self, 'up_bias', nn.initializers.zeros, (d,), self.param_dtype, ('embed',))
-    act = _ACTS[self.config.activation]
-    z = act(jnp.dot(h.astype(self.dtype), down.astype(self.dtype)) + down_b.astype(self.dtype))
-    return h + jnp.dot(z, up.astype(self.dtype)) + up_b.astype(self.dtype)
+@functools.lru_cache(maxsize=None)
+def check(hooks: Hooks) -> Hooks:
+  """``hooks`` if every entry is a ``(site, Hook)`` pair at a known site; ValueError otherwise."""
+  for entry in hooks:
+    if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Hook)):
+      raise ValueError(f'hooks entry {entry!r}: expected a (site, intrusive.Hook) pair')
+    if entry[0] not in SITES:
+      raise ValueError(f'hook {type(entry[1]).__name__} at unknown site {entry[0]!r}; '
+                       f'sites: {SITES}')
+    if not dataclasses.is_dataclass(entry[1]):
+      raise ValueError(f'hook {type(entry[1]).__name__} must be a frozen dataclass (hashable)')
+  return hooks
 
 
-_ACTS = {'relu': nn.relu, 'gelu': nn.gelu, 'silu': nn.silu, 'identity': lambda x: x}
+def at(hooks: Hooks, *sites: str) -> Hooks:
+  """The entries of ``hooks`` at any of ``sites`` (checked), in table order."""
+  return tuple(e for e in check(tuple(hooks)) if e[0] in sites)
+
+
+def apply(hooks: Hooks, site: str, y: jax.Array, x: Optional[jax.Array] = None, *,
+          axes: tuple[str, ...], dtype: Any, param_dtype: Any) -> jax.Array:
+  """Runs the hooks at ``site`` on ``y`` (``x``: a projection's input) in table order.
+
+  Call it from the ``nn.compact`` method of the module that owns the site.
+  """
+  return run(at(hooks, site), y, x, axes=axes, dtype=dtype, param_dtype=param_dtype)
+
+
+def run(hooks: Hooks, y: jax.Array, x: Optional[jax.Array] = None, *, axes: tuple[str, ...],
+        dtype: Any, param_dtype: Any) -> jax.Array:
+  """Runs every entry of ``hooks`` (already picked with :func:`at`) on ``y`` in order."""
+  for name, hook in check(tuple(hooks)):
+    y = hook(Site(name, tuple(axes), dtype, param_dtype), y, x)
+  return y

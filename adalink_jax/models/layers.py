@@ -6,7 +6,7 @@ names (``embed``, ``mlp``, ``heads``, ``kv``, ``joined_kv``, ``vocab``, ...).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -24,13 +24,14 @@ class Dense(nn.Module):
 
   Shapes: ``x[..., in] -> y[..., features]``; kernel ``[in, features]`` with
   axes ``kernel_axes``. The kernel is kept 2-D, as t5x stores it, so checkpoints
-  map one to one. An optional LoRA branch (``lora``) is the only intrusive hook.
+  map one to one. ``hooks``: the intrusive hooks of this projection's site (e.g. LoRA), given
+  as ``intrusive.at(table, site)``; empty: a plain projection.
   """
   features: int
   kernel_axes: tuple[str, str]
   use_bias: bool = False
   kernel_init: Initializer = default_kernel_init
-  lora: Optional[intrusive.LoRAConfig] = None
+  hooks: intrusive.Hooks = ()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -43,11 +44,8 @@ class Dense(nn.Module):
       bias = param(self, 'bias', nn.initializers.zeros, (self.features,), self.param_dtype,
                    self.kernel_axes[1:])
       y = y + bias.astype(self.dtype)
-    if self.lora is not None:
-      y = y + intrusive.LoRABranch(self.lora, self.features, self.kernel_axes,
-                                   dtype=self.dtype, param_dtype=self.param_dtype,
-                                   name='lora')(x)
-    return y
+    return intrusive.run(self.hooks, y, x, axes=self.kernel_axes, dtype=self.dtype,
+                         param_dtype=self.param_dtype)
 
 
 class Embed(nn.Module):
@@ -132,7 +130,9 @@ class MlpBlock(nn.Module):
   intermediate_dim: int
   activations: tuple[str, ...] = ('relu',)
   dropout_rate: float = 0.0
-  lora: Optional[intrusive.LoRAConfig] = None
+  # Intrusive hooks (the whole table): sites 'wi' (every input projection of a gated MLP),
+  # 'mlp_hidden' (the input of wo) and 'wo'.
+  hooks: intrusive.Hooks = ()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -140,13 +140,13 @@ class MlpBlock(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     """``x[b, l, embed] -> [b, l, embed]``."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    # LoRA per projection: 'wi' (all input projections of a gated MLP) and/or 'wo'.
-    lora = lambda target: self.lora if self.lora and target in self.lora.targets else None
     h = None
     for i, act in enumerate(self.activations):
       name = 'wi' if len(self.activations) == 1 else f'wi_{i}'
       hi = activation(act)(Dense(self.intermediate_dim, ('embed', 'mlp'), name=name,
-                                 lora=lora('wi'), **kw)(x))
+                                 hooks=intrusive.at(self.hooks, 'wi'), **kw)(x))
       h = hi if h is None else h * hi
+    h = intrusive.apply(self.hooks, 'mlp_hidden', h, axes=('mlp',), **kw)
     h = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(h, deterministic=deterministic)
-    return Dense(x.shape[-1], ('mlp', 'embed'), name='wo', lora=lora('wo'), **kw)(h)
+    return Dense(x.shape[-1], ('mlp', 'embed'), name='wo', hooks=intrusive.at(self.hooks, 'wo'),
+                 **kw)(h)

@@ -25,9 +25,9 @@ from adalink_jax import partitioning
 from adalink_jax.models import intrusive
 from adalink_jax.models import layers
 from adalink_jax.models.axes import param
+from adalink_jax.models.seam import IMAGE, TEXT, EncoderInputs  # noqa: F401  (re-exported)
 
 Dtype = Any
-TEXT, IMAGE = 0, 1  # modality ids carried alongside the encoder embeddings
 _NEG_INF = -1e10    # added to masked attention logits (fp32 softmax)
 
 
@@ -53,9 +53,8 @@ class T5Config:
   scan_layers: bool = False
   # 'none' | 'full' (recompute whole block) | 'minimal' (save matmul outputs only).
   remat_policy: str = 'none'
-  # Intrusive baselines; None means the blocks are exactly T5.
-  lora: Optional[intrusive.LoRAConfig] = None
-  bottleneck: Optional[intrusive.BottleneckConfig] = None
+  # Intrusive hooks ((site, hook) pairs, see models.intrusive); () means the blocks are exactly T5.
+  hooks: intrusive.Hooks = ()
   pad_id: int = 0
   eos_id: int = 1
   decoder_start_id: int = 0
@@ -109,18 +108,6 @@ def t5_config(name: str, **overrides) -> T5Config:
   if name not in T5_SIZES:
     raise ValueError(f'unknown T5 size {name!r}; known: {sorted(T5_SIZES)}')
   return T5Config(**{**T5_SIZES[name], **overrides})
-
-
-class EncoderInputs(NamedTuple):
-  """What the embedding seam sees and returns.
-
-  embeddings: ``[b, l, d_model]``; mask: ``[b, l]`` bool (True = real token);
-  modality: ``[b, l]`` int32 (``TEXT``=0, ``IMAGE``=1); task_id: ``[b]`` int32 or None.
-  """
-  embeddings: jax.Array
-  mask: jax.Array
-  modality: jax.Array
-  task_id: Optional[jax.Array] = None
 
 
 # ------------------------------------------------------------------ position bias
@@ -202,16 +189,14 @@ class MultiHeadAttention(nn.Module):
   In decode mode self-attention keys/values go to the ``cache`` collection as
   ``[b, max_len, heads, kv]`` and ``decode_index`` is the step being written; with
   ``cache_cross`` (cross-attention) the projected encoder keys/values are cached once.
+  ``hooks``: the model's hook table; sites 'query', 'key', 'value', 'out' are used here.
   """
   num_heads: int
   head_dim: int
   dropout_rate: float = 0.0
-  lora: Optional[intrusive.LoRAConfig] = None
+  hooks: intrusive.Hooks = ()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-
-  def _lora(self, name: str) -> Optional[intrusive.LoRAConfig]:
-    return self.lora if self.lora is not None and name in self.lora.targets else None
 
   @nn.compact
   def __call__(self, x_q: jax.Array, x_kv: jax.Array, bias: jax.Array, *,
@@ -222,8 +207,8 @@ class MultiHeadAttention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q_init = nn.initializers.variance_scaling(1.0 / d, 'fan_in', 'normal')
     proj = lambda name, x, init=layers.default_kernel_init: layers.Dense(
-        h * d, ('embed', 'joined_kv'), kernel_init=init, lora=self._lora(name), name=name,
-        **kw)(x).reshape(x.shape[:-1] + (h, d))
+        h * d, ('embed', 'joined_kv'), kernel_init=init, hooks=intrusive.at(self.hooks, name),
+        name=name, **kw)(x).reshape(x.shape[:-1] + (h, d))
     q = proj('query', x_q, q_init)
     if decode and cache_cross:
       # Cross-attention while decoding: keys/values of the encoded prefix are projected once,
@@ -252,8 +237,8 @@ class MultiHeadAttention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(x_q.shape[:-1] + (h * d,))
-    return layers.Dense(x_q.shape[-1], ('joined_kv', 'embed'), lora=self._lora('out'),
-                        name='out', **kw)(out)
+    return layers.Dense(x_q.shape[-1], ('joined_kv', 'embed'),
+                        hooks=intrusive.at(self.hooks, 'out'), name='out', **kw)(out)
 
 
 def mask_bias(query_mask: Optional[jax.Array], key_mask: jax.Array) -> jax.Array:
@@ -320,7 +305,7 @@ class EncoderLayer(nn.Module):
     adapter = functools.partial(_maybe_bottleneck, cfg)
 
     y = layers.RMSNorm(cfg.layer_norm_epsilon, name='pre_attention_layer_norm', **kw)(x)
-    y = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, cfg.lora,
+    y = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, cfg.hooks,
                            name='attention', **kw)(y, y, bias, deterministic=self.deterministic)
     x = x + drop(adapter('attention', y))
     y = layers.RMSNorm(cfg.layer_norm_epsilon, name='pre_mlp_layer_norm', **kw)(x)
@@ -346,13 +331,13 @@ class DecoderLayer(nn.Module):
     adapter = functools.partial(_maybe_bottleneck, cfg)
 
     z = layers.RMSNorm(cfg.layer_norm_epsilon, name='pre_self_attention_layer_norm', **kw)(y)
-    z = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, cfg.lora,
+    z = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, cfg.hooks,
                            name='self_attention', **kw)(
                                z, z, self_bias, deterministic=self.deterministic,
                                decode=self.decode, decode_index=decode_index)
     y = y + drop(adapter('attention', z))
     z = layers.RMSNorm(cfg.layer_norm_epsilon, name='pre_cross_attention_layer_norm', **kw)(y)
-    z = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, cfg.lora,
+    z = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, cfg.hooks,
                            name='encoder_decoder_attention', **kw)(
                                z, encoded, cross_bias, deterministic=self.deterministic,
                                decode=self.decode, cache_cross=True)
@@ -364,17 +349,14 @@ class DecoderLayer(nn.Module):
 
 
 def _mlp(cfg: T5Config, x: jax.Array, deterministic: bool) -> jax.Array:
-  lora = cfg.lora if cfg.lora is not None and {'wi', 'wo'} & set(cfg.lora.targets) else None
-  return layers.MlpBlock(cfg.d_ff, cfg.mlp_activations, cfg.dropout_rate, lora=lora, name='mlp',
-                         **_sublayer_kwargs(cfg))(x, deterministic=deterministic)
+  hooks = intrusive.at(cfg.hooks, 'wi', 'mlp_hidden', 'wo')
+  return layers.MlpBlock(cfg.d_ff, cfg.mlp_activations, cfg.dropout_rate, hooks=hooks,
+                         name='mlp', **_sublayer_kwargs(cfg))(x, deterministic=deterministic)
 
 
 def _maybe_bottleneck(cfg: T5Config, where: str, y: jax.Array) -> jax.Array:
-  """Applies the bottleneck adapter named ``<where>_adapter`` when the config asks for one."""
-  if cfg.bottleneck is None or where not in cfg.bottleneck.where:
-    return y
-  return intrusive.Bottleneck(cfg.bottleneck, name=f'{where}_adapter',
-                              **_sublayer_kwargs(cfg))(y)
+  """The hooks at site ``<where>_out`` (e.g. a bottleneck adapter) on a sub-block's output."""
+  return intrusive.apply(cfg.hooks, f'{where}_out', y, axes=('embed',), **_sublayer_kwargs(cfg))
 
 
 _REMAT_POLICIES = {

@@ -1,7 +1,7 @@
 """AdaLink: low-rank residual adapters on the encoder (and optionally decoder) input embeddings.
 
 Where it applies (exactly): between the embedders and the first transformer block, i.e. on the
-:class:`~adalink_jax.models.t5.EncoderInputs` that ``T5.encode`` passes through its
+:class:`~adalink_jax.models.seam.EncoderInputs` that ``T5.encode`` passes through its
 ``encoder_input_adapter`` seam. For every modality ``m`` it owns (``text``, ``image``) it
 rewrites the positions whose ``modality == m``::
 
@@ -20,27 +20,28 @@ adapter with a gather on ``task_id`` -- a batch may mix tasks. ``task_id`` is th
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adalink_jax.models import t5
+from adalink_jax.models import seam
 from adalink_jax.models.axes import param
+from adalink_jax.models.layers import ACTIVATIONS
 from adalink_jax.models.layers import activation as get_activation
+from adalink_jax.peft import registry
 from adalink_jax.peft import task_bank
 
 Dtype = Any
 
-MODALITY_IDS = {'text': t5.TEXT, 'image': t5.IMAGE}
-# Prompt-tuning tokens get their own modality id so AdaLink (or anything else) can tell them apart.
-PROMPT = 2
+MODALITY_IDS = {'text': seam.TEXT, 'image': seam.IMAGE}
+PROMPT = seam.PROMPT  # prompt-tuning slots have their own modality id
 
 
 def modality_id(name: str) -> int:
-  """``'text' -> t5.TEXT``, ``'image' -> t5.IMAGE`` with a clear error otherwise."""
+  """``'text' -> seam.TEXT``, ``'image' -> seam.IMAGE`` with a clear error otherwise."""
   if name not in MODALITY_IDS:
     raise ValueError(f'unknown modality {name!r}; choose from {sorted(MODALITY_IDS)}')
   return MODALITY_IDS[name]
@@ -114,7 +115,7 @@ class AdaLink(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs: t5.EncoderInputs) -> t5.EncoderInputs:
+  def __call__(self, inputs: seam.EncoderInputs) -> seam.EncoderInputs:
     """embeddings ``[b, l, d]``, modality ``[b, l]`` -> same shapes, only own modalities changed."""
     if len(self.modalities) != len(self.ranks):
       raise ValueError(f'AdaLink: {len(self.modalities)} modalities {self.modalities} but '
@@ -175,6 +176,20 @@ def fold_text_embedding(embedding: jax.Array, text_params: dict, activation: str
   return e + delta  # in `dtype`: a bf16 base table would otherwise round the fold away
 
 
+def fold_gemma_embedding(embedding: jax.Array, text_params: dict, activation: str = 'identity',
+                         task: Optional[int] = None) -> jax.Array:
+  """The decoder-only family's fold: Gemma scales a looked-up row by ``sqrt(d)`` *before* the
+  seam, so the folded row is ``(s E + adapter(s E)) / s`` -- exact for any activation and bias.
+
+  Gemma's table is tied to its LM head: serve the result as a separate *input* table (e.g. HF
+  ``tie_word_embeddings=False`` with this as ``embed_tokens`` and the original as ``lm_head``).
+  It holds the prefix (prompt) adaptation only, as AdaLink adapts the prefix's text slots.
+  """
+  scale = np.sqrt(np.shape(embedding)[-1]).astype(np.float32)
+  e = jnp.asarray(embedding, jnp.float32) * scale
+  return fold_text_embedding(e, text_params, activation, task=task) / scale
+
+
 def folded_encoder_params(params: dict, folded_table: jax.Array) -> dict:
   """Params for serving a folded text adapter with an *unmodified* T5.
 
@@ -196,3 +211,86 @@ def folded_encoder_params(params: dict, folded_table: jax.Array) -> dict:
     else:
       del out['encoder_input_adapter']
   return out
+
+
+# ------------------------------------------------------------------ the registered method
+
+SEAMS = ('encoder_input_adapter', 'decoder_input_adapter')  # where seam adapters' params live
+
+
+def ranks(cfg) -> dict[str, int]:
+  """``peft.rank`` (int, or ``{'text': r, 'image': r}``) -> AdaLink rank per modality."""
+  if isinstance(cfg.rank, Mapping):
+    missing = [m for m in cfg.modalities if m not in cfg.rank]
+    if missing:
+      raise ValueError(f'peft.rank has no entry for modalities {missing}: {dict(cfg.rank)}')
+    return {m: int(cfg.rank[m]) for m in cfg.modalities}
+  return {m: int(cfg.rank) for m in cfg.modalities}
+
+
+def _validate(cfg, bad) -> None:
+  if not cfg.modalities:
+    bad('modalities', 'AdaLink needs at least one modality')
+  for m in cfg.modalities:
+    if m not in MODALITY_IDS:
+      bad('modalities', f'unknown modality {m!r}; choose from {sorted(MODALITY_IDS)}')
+  if any(r < 1 for r in ranks(cfg).values()):
+    bad('rank', 'ranks must be >= 1')
+  if cfg.activation not in ACTIVATIONS:
+    bad('activation', f'choose from {sorted(ACTIVATIONS)}')
+
+
+def _input_adapters(cfg, kw: dict, embedding_table: Any = None):
+  del embedding_table
+  r = ranks(cfg)
+  enc = AdaLink(tuple(r), tuple(r.values()), cfg.num_tasks, cfg.activation, cfg.use_bias, **kw)
+  dec = None
+  if cfg.decoder_inputs:
+    rd = cfg.decoder_rank or r.get('text') or max(r.values())
+    dec = AdaLink(('text',), (rd,), cfg.num_tasks, cfg.activation, cfg.use_bias, **kw)
+  return enc, dec
+
+
+def seam_group(parts: Sequence[str]) -> Optional[str]:
+  """Parameter-table group of a seam adapter's param: ``encoder_input_adapter/<modality>``."""
+  for i, p in enumerate(parts):
+    if p in SEAMS:
+      return '/'.join(parts[i:i + 2])
+  return None
+
+
+def _folder(cfg):
+  """``--fold``: the text adapter folded into the encoder input table (see module doc)."""
+  if 'text' not in tuple(cfg.modalities):
+    raise ValueError('--fold needs a text AdaLink (peft.method=adalink with modality text)')
+
+  def fold(params: Mapping, task: Optional[int]) -> dict:
+    if 'llm' in params:  # the decoder-only family (Gemma, PaliGemma): see fold_gemma_embedding
+      table = params['llm']['embedder']['input_embedding']
+      return {'llm/embedder/input_embedding': fold_gemma_embedding(
+          table, params['encoder_input_adapter']['text'], cfg.activation, task=task)}
+    # A PaLI-style model holds the T5 (and its table) under 't5', the seam adapter on top.
+    t5_params = params if 'token_embedder' in params else params['t5']
+    adapters = params.get('encoder_input_adapter') or t5_params['encoder_input_adapter']
+    table = fold_text_embedding(t5_params['token_embedder']['embedding'], adapters['text'],
+                                cfg.activation, task=task)
+    return {'token_embedder/embedding': table}
+
+  return fold
+
+
+METHOD = registry.Method(
+    name='adalink',
+    summary='AdaLink: low-rank residual adapters on the input embeddings, per modality',
+    fields=(('modalities', ('text', 'image')), ('activation', 'identity'), ('use_bias', False),
+            ('decoder_inputs', False),     # AdaLink also on decoder token embeddings
+            ('decoder_rank', None)),       # defaults to the text rank
+    validate=_validate,
+    banks=True,
+    input_adapters=_input_adapters,
+    adds=SEAMS,
+    group=seam_group,
+    card=lambda cfg: {'ranks': ranks(cfg), 'modalities': list(cfg.modalities)},
+    fold=_folder,
+    size_field='rank',
+)

@@ -22,6 +22,7 @@ from safetensors.flax import load_file, save_file
 
 from adalink_jax.checkpoints import fingerprint
 from adalink_jax.peft import methods
+from adalink_jax.peft import registry
 
 FORMAT = 'adalink_jax.adapter/v1'
 TENSORS, CARD = 'adapter.safetensors', 'adapter_card.json'
@@ -87,9 +88,8 @@ def save_adapter(directory: str, trainable: Mapping, frozen: Mapping, peft_cfg: 
   card = dict(
       format=FORMAT, method=cfg.method, base_model=base_model,
       base_hash=base_hash(frozen), base_hash_kind=HASH_KIND, base_shapes=base_shapes(frozen),
-      ranks=cfg.ranks() if cfg.method == 'adalink' else (
-          {'lora': cfg.rank} if cfg.method == 'lora' else {}),
-      modalities=list(cfg.modalities) if cfg.method == 'adalink' else [],
+      # ranks / modalities: empty unless the method fills them (with its own card fields).
+      **{'ranks': {}, 'modalities': [], **registry.get(cfg.method).card(cfg)},
       num_tasks=cfg.num_tasks, bank_tasks=list(names), num_params=counts['trainable'],
       tensors={k: [list(v.shape), np.dtype(v.dtype).name] for k, v in sorted(flat.items())},
       peft=_jsonable(dataclasses.asdict(cfg)), extra=_jsonable(dict(extra or {})))

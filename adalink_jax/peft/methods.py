@@ -1,9 +1,11 @@
-"""One config block picks the method; :func:`build` wires it into T5; params split by path.
+"""One config block picks the method; :func:`build` wires it into a model; params split by path.
 
-``peft = dict(method='adalink'|'prompt'|'lora'|'adapter'|'ft', rank=64, ...)`` (fields of
-:class:`PeftConfig`). ``build(peft, t5_config)`` returns the T5 config with the intrusive hooks
-switched on (LoRA / bottleneck), the encoder/decoder input adapters (AdaLink / prompt) and the
-predicate on ``'/'``-joined parameter paths that says what trains. Everything else is frozen.
+``peft = dict(method=<one of registry.names()>, rank=64, ...)`` (fields of :class:`PeftConfig`:
+the shared ones below plus every registered method's own). Each method is one object in
+:mod:`adalink_jax.peft.registry` (its module: ``peft/adalink.py``, ``peft/lora.py`` ...); this
+module is the public API over them. ``build(peft, model_config)`` returns the model config with
+the method's intrusive hooks, the encoder/decoder input adapters and the predicate on
+``'/'``-joined parameter paths that says what trains. Everything else is frozen.
 """
 from __future__ import annotations
 
@@ -17,51 +19,49 @@ import numpy as np
 from flax import traverse_util
 
 from adalink_jax.models import intrusive
-from adalink_jax.models import layers
-from adalink_jax.models import t5
 from adalink_jax.peft import adalink as adalink_lib
-from adalink_jax.peft import prompt as prompt_lib
+from adalink_jax.peft import registry
 
-METHODS = ('adalink', 'prompt', 'lora', 'adapter', 'ft')
-LORA_TARGETS = ('query', 'key', 'value', 'out', 'wi', 'wo')
+METHODS = registry.names()
 Predicate = Callable[[str], bool]
 
+# Fields every method has (each method adds its own, see registry.Method.fields).
+_SHARED_FIELDS = (
+    ('method', 'adalink'),
+    # AdaLink rank (int, or {'text': r, 'image': r}) and LoRA rank (int).
+    ('rank', 64),
+    ('num_tasks', 1),
+    # With num_tasks > 1: the bank's tasks in bank order (task/benchmark names; index i is
+    # bank_tasks[i]). Empty: the training data's tasks, ordered by global task id.
+    ('bank_tasks', ()),
+    # Extra path substrings to train on top of the method (e.g. ('layer_norm',)).
+    ('also_train', ()),
+    # Path substrings that stay frozen whatever the method says (e.g. ('embedder',): full
+    # fine-tuning without the 262k-row embedding table, whose optimizer state dwarfs the rest).
+    ('also_freeze', ()),
+)
 
-@dataclasses.dataclass(frozen=True)
-class PeftConfig:
-  """Fields of the ``peft`` config block (only those of the chosen method are used)."""
-  method: str = 'adalink'
-  # AdaLink rank (int, or {'text': r, 'image': r}) and LoRA rank (int).
-  rank: Union[int, Mapping[str, int]] = 64
-  modalities: tuple[str, ...] = ('text', 'image')
-  num_tasks: int = 1
-  # With num_tasks > 1: the bank's tasks in bank order (task/benchmark names; index i is
-  # bank_tasks[i]). Empty: the training data's tasks, ordered by global task id.
-  bank_tasks: tuple[str, ...] = ()
-  activation: str = 'identity'
-  use_bias: bool = False
-  decoder_inputs: bool = False      # AdaLink also on decoder token embeddings
-  decoder_rank: Optional[int] = None  # defaults to the text rank
-  prompt_length: int = 20
-  prompt_init: str = 'uniform'      # 'uniform' | 'vocab' (needs embedding_table in build)
-  prompt_init_range: float = 0.5
-  prompt_vocab_first_n: Optional[int] = 5000
-  lora_alpha: float = 16.0
-  lora_targets: tuple[str, ...] = ('query', 'key', 'value', 'out')
-  adapter_dim: int = 64
-  adapter_activation: str = 'relu'
-  adapter_where: tuple[str, ...] = ('attention', 'mlp')
-  # Extra path substrings to train on top of the method (e.g. ('layer_norm',)).
-  also_train: tuple[str, ...] = ()
 
-  def ranks(self) -> dict[str, int]:
-    """AdaLink rank per modality."""
-    if isinstance(self.rank, Mapping):
-      missing = [m for m in self.modalities if m not in self.rank]
-      if missing:
-        raise ValueError(f'peft.rank has no entry for modalities {missing}: {dict(self.rank)}')
-      return {m: int(self.rank[m]) for m in self.modalities}
-    return {m: int(self.rank) for m in self.modalities}
+def _config_class() -> type:
+  """``PeftConfig``: a frozen dataclass of the shared fields and every method's fields."""
+  fields: dict[str, tuple[Any, str]] = {k: (v, 'shared') for k, v in _SHARED_FIELDS}
+  for m in registry.methods():
+    for k, v in m.fields:
+      if k in fields and fields[k][0] != v:
+        raise ValueError(f'peft field {k!r}: method {m.name!r} gives default {v!r}, '
+                         f'{fields[k][1]!r} gives {fields[k][0]!r}; rename one of them')
+      fields.setdefault(k, (v, m.name))
+  registry.freeze_fields(fields)
+  cls = dataclasses.make_dataclass(
+      'PeftConfig', [(k, Any, dataclasses.field(default=v)) for k, (v, _) in fields.items()],
+      frozen=True, namespace={'ranks': adalink_lib.ranks, '__module__': __name__,
+                              '__doc__': 'Fields of the ``peft`` config block (only those of '
+                                         'the chosen method are used); ``ranks()``: AdaLink '
+                                         'rank per modality.'})
+  return cls
+
+
+PeftConfig = _config_class()
 
 
 def parse(peft_cfg: Union[PeftConfig, Mapping[str, Any], None]) -> PeftConfig:
@@ -85,42 +85,16 @@ def _validate(cfg: PeftConfig) -> None:
   def bad(field, msg):
     raise ValueError(f'peft.{field}={getattr(cfg, field)!r}: {msg}')
 
-  if cfg.method not in METHODS:
-    bad('method', f'choose from {METHODS}')
-  if cfg.method == 'adalink':
-    if not cfg.modalities:
-      bad('modalities', 'AdaLink needs at least one modality')
-    for m in cfg.modalities:
-      if m not in adalink_lib.MODALITY_IDS:
-        bad('modalities',
-            f'unknown modality {m!r}; choose from {sorted(adalink_lib.MODALITY_IDS)}')
-    if any(r < 1 for r in cfg.ranks().values()):
-      bad('rank', 'ranks must be >= 1')
-    if cfg.activation not in layers.ACTIVATIONS:
-      bad('activation', f'choose from {sorted(layers.ACTIVATIONS)}')
+  if cfg.method not in registry.names():
+    bad('method', f'unknown method; registered methods: {registry.names()}')
+  method = registry.get(cfg.method)
   if cfg.num_tasks < 1:
     bad('num_tasks', 'must be >= 1')
   _validate_bank(cfg, bad)
-  if cfg.method == 'prompt':
-    if cfg.prompt_length < 1:
-      bad('prompt_length', 'must be >= 1')
-    if cfg.prompt_init not in ('uniform', 'vocab'):
-      bad('prompt_init', "choose 'uniform' or 'vocab'")
-  if cfg.method == 'lora':
-    if not isinstance(cfg.rank, int) or cfg.rank < 1:
-      bad('rank', 'LoRA needs one integer rank >= 1')
-    unknown = [t for t in cfg.lora_targets if t not in LORA_TARGETS]
-    if unknown or not cfg.lora_targets:
-      bad('lora_targets', f'choose a non-empty subset of {LORA_TARGETS}')
-  if cfg.method == 'adapter':
-    if cfg.adapter_dim < 1:
-      bad('adapter_dim', 'must be >= 1')
-    if not set(cfg.adapter_where) <= {'attention', 'mlp'} or not cfg.adapter_where:
-      bad('adapter_where', "choose a non-empty subset of ('attention', 'mlp')")
-    if cfg.adapter_activation not in intrusive._ACTS:
-      bad('adapter_activation', f'choose from {sorted(intrusive._ACTS)}')
-  if cfg.num_tasks > 1 and cfg.method not in ('adalink', 'prompt'):
-    bad('num_tasks', f'per-task banks exist for adalink and prompt, not {cfg.method!r}')
+  method.validate(cfg, bad)
+  if cfg.num_tasks > 1 and not method.banks:
+    banked = tuple(m.name for m in registry.methods() if m.banks)
+    bad('num_tasks', f'per-task banks exist for {" and ".join(banked)}, not {cfg.method!r}')
 
 
 def _validate_bank(cfg: PeftConfig, bad: Callable[[str, str], None]) -> None:
@@ -137,65 +111,43 @@ def _validate_bank(cfg: PeftConfig, bad: Callable[[str, str], None]) -> None:
 
 # ------------------------------------------------------------------ what trains
 
-_TRAINABLE_MARKERS = {
-    'adalink': ('encoder_input_adapter', 'decoder_input_adapter'),
-    'prompt': ('encoder_input_adapter',),
-    'lora': ('/lora/',),
-    'adapter': ('/attention_adapter/', '/mlp_adapter/'),
-}
-
 
 def trainable_predicate(peft_cfg: Union[PeftConfig, Mapping[str, Any]]) -> Predicate:
   """``'/'``-joined param path -> True if it trains under this method (everything for ``ft``)."""
   cfg = parse(peft_cfg)
-  if cfg.method == 'ft':
-    return lambda path: True
-  markers = _TRAINABLE_MARKERS[cfg.method] + tuple(cfg.also_train)
-  # Surround with '/' so '/lora/' matches a full path component anywhere, even at the ends.
-  return lambda path: any(m in f'/{path}/' for m in markers)
+  method = registry.get(cfg.method)
+  freeze = tuple(cfg.also_freeze)
+  if method.trains_all:
+    return lambda path: not registry.markers_match(freeze, path)
+  markers = tuple(method.adds) + tuple(method.trains) + tuple(cfg.also_train)
+  return lambda path: (registry.markers_match(markers, path)
+                       and not registry.markers_match(freeze, path))
 
 
 class Built(NamedTuple):
   """What :func:`build` returns."""
-  t5_config: t5.T5Config
+  model_config: Any  # the backbone's config with the method's hooks (T5Config, GemmaConfig ...)
   encoder_input_adapter: Optional[nn.Module]
   decoder_input_adapter: Optional[nn.Module]
   trainable: Predicate
 
 
-def build(peft_cfg: Union[PeftConfig, Mapping[str, Any], None], t5_config: t5.T5Config, *,
+def build(peft_cfg: Union[PeftConfig, Mapping[str, Any], None], model_config: Any, *,
           embedding_table: Any = None) -> Built:
-  """``(peft, T5Config) -> (T5Config with hooks, encoder adapter, decoder adapter, predicate)``.
+  """``(peft, model config) -> (config with hooks, encoder adapter, decoder adapter, predicate)``.
 
+  model_config: any frozen dataclass config with ``dtype`` and ``hooks`` fields (T5, Gemma).
   embedding_table: ``[vocab, d]`` frozen embedding, needed only for ``prompt_init='vocab'``.
-  Adapters compute in ``t5_config.dtype`` and keep fp32 weights whatever the base stores.
+  Adapters compute in ``model_config.dtype`` and keep fp32 weights whatever the base stores.
   """
   cfg = parse(peft_cfg)
-  kw = dict(dtype=t5_config.dtype, param_dtype=jnp.float32)
+  method = registry.get(cfg.method)
   enc = dec = None
-  model_cfg = t5_config.replace(lora=None, bottleneck=None)
-  if cfg.method == 'adalink':
-    ranks = cfg.ranks()
-    enc = adalink_lib.AdaLink(tuple(ranks), tuple(ranks.values()), cfg.num_tasks,
-                              cfg.activation, cfg.use_bias, **kw)
-    if cfg.decoder_inputs:
-      r = cfg.decoder_rank or ranks.get('text') or max(ranks.values())
-      dec = adalink_lib.AdaLink(('text',), (r,), cfg.num_tasks, cfg.activation, cfg.use_bias,
-                                **kw)
-  elif cfg.method == 'prompt':
-    init = None
-    if cfg.prompt_init == 'vocab':
-      if embedding_table is None:
-        raise ValueError("peft.prompt_init='vocab' needs build(..., embedding_table=<[vocab, d]>)")
-      init = prompt_lib.vocab_init(embedding_table, cfg.prompt_vocab_first_n)
-    enc = prompt_lib.PromptTuning(cfg.prompt_length, cfg.num_tasks, cfg.prompt_init_range,
-                                  init, **kw)
-  elif cfg.method == 'lora':
-    model_cfg = model_cfg.replace(lora=intrusive.LoRAConfig(
-        rank=cfg.rank, alpha=float(cfg.lora_alpha), targets=tuple(cfg.lora_targets)))
-  elif cfg.method == 'adapter':
-    model_cfg = model_cfg.replace(bottleneck=intrusive.BottleneckConfig(
-        dim=cfg.adapter_dim, activation=cfg.adapter_activation, where=tuple(cfg.adapter_where)))
+  if method.input_adapters is not None:
+    kw = dict(dtype=model_config.dtype, param_dtype=jnp.float32)
+    enc, dec = method.input_adapters(cfg, kw, embedding_table)
+  hooks = intrusive.check(tuple(method.hooks(cfg))) if method.hooks is not None else ()
+  model_cfg = dataclasses.replace(model_config, hooks=hooks)
   return Built(model_cfg, enc, dec, trainable_predicate(cfg))
 
 
@@ -235,13 +187,10 @@ def cast(tree: Mapping, dtype: Any) -> dict:
 
 def _group(path: str) -> str:
   parts = path.split('/')
-  for i, p in enumerate(parts):
-    if p in ('encoder_input_adapter', 'decoder_input_adapter'):
-      return '/'.join(parts[i:i + 2])  # e.g. encoder_input_adapter/text
-    if p == 'lora' and i > 0:
-      return f'lora/{parts[i - 1]}'      # e.g. lora/query
-    if p.endswith('_adapter'):
-      return f'bottleneck/{p}'
+  for m in registry.methods():
+    g = m.group(parts) if m.group is not None else None
+    if g is not None:
+      return g
   return parts[0]
 
 
@@ -249,10 +198,11 @@ def param_counts(params: Mapping, predicate: Predicate, num_tasks: int = 1) -> d
   """Counts (works on real arrays or ``jax.eval_shape`` structs; boxed or unboxed).
 
   Returns ``{'total', 'trainable', 'frozen', 'trainable_fraction', 'groups':
-  {group: {'trainable': bool, 'params': n}}, 'per_task'}``. Groups: ``encoder_input_adapter/text``,
-  ``encoder_input_adapter/image`` (per modality), ``lora/<proj>``, ``bottleneck/<where>_adapter``,
-  or the top-level module (``token_embedder``, ``encoder``, ``decoder``). ``per_task`` is the
-  trainable count of one task of a bank (``trainable / num_tasks``).
+  {group: {'trainable': bool, 'params': n}}, 'per_task'}``. Groups: a method's own (its
+  ``registry.Method.group``: ``encoder_input_adapter/text`` per modality, ``lora/<proj>``,
+  ``bottleneck/<where>_adapter``, ``ia3/<site module>``), or the top-level module
+  (``token_embedder``, ``encoder``, ``decoder``). ``per_task`` is the trainable count of one
+  task of a bank (``trainable / num_tasks``).
   """
   groups: dict[str, dict[str, Any]] = {}
   trainable = frozen = 0

@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adalink_jax.models import t5
+from adalink_jax.models import seam
 from adalink_jax.models.axes import param
+from adalink_jax.peft import registry
 from adalink_jax.peft import task_bank
-from adalink_jax.peft.adalink import PROMPT
+from adalink_jax.peft.adalink import PROMPT, seam_group
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -57,7 +58,7 @@ class PromptTuning(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs: t5.EncoderInputs) -> t5.EncoderInputs:
+  def __call__(self, inputs: seam.EncoderInputs) -> seam.EncoderInputs:
     x = inputs.embeddings
     b, d = x.shape[0], x.shape[-1]
     init = self.prompt_init
@@ -78,3 +79,50 @@ class PromptTuning(nn.Module):
         mask=jnp.concatenate([jnp.ones((b, self.length), bool), inputs.mask], axis=1),
         modality=jnp.concatenate([jnp.full((b, self.length), PROMPT, jnp.int32),
                                   inputs.modality], axis=1))
+
+
+# ------------------------------------------------------------------ the registered method
+
+
+def _validate(cfg, bad) -> None:
+  if cfg.prompt_length < 1:
+    bad('prompt_length', 'must be >= 1')
+  if cfg.prompt_init not in ('uniform', 'vocab'):
+    bad('prompt_init', "choose 'uniform' or 'vocab'")
+
+
+def _input_adapters(cfg, kw: dict, embedding_table: Any = None):
+  # prompt_init='vocab' without a table (the trainer builds the model before it loads the
+  # backbone): a uniform placeholder, replaced from the loaded table by _after_load.
+  init = None
+  if cfg.prompt_init == 'vocab' and embedding_table is not None:
+    init = vocab_init(embedding_table, cfg.prompt_vocab_first_n)
+  return PromptTuning(cfg.prompt_length, cfg.num_tasks, cfg.prompt_init_range, init, **kw), None
+
+
+def _after_load(cfg, trainable: dict, embedding_table: Any, rng: jax.Array) -> dict:
+  """``prompt_init='vocab'``: the prompt re-drawn from rows of the loaded token table."""
+  if cfg.prompt_init != 'vocab':
+    return trainable
+  old = trainable['encoder_input_adapter']['prompt']
+  new = vocab_init(embedding_table, cfg.prompt_vocab_first_n)(rng, old.shape, old.dtype)
+  if hasattr(old, 'sharding'):
+    new = jax.device_put(new, old.sharding)
+  adapter = dict(trainable['encoder_input_adapter'], prompt=new)
+  return dict(trainable, encoder_input_adapter=adapter)
+
+
+METHOD = registry.Method(
+    name='prompt',
+    summary='prompt tuning: a learned soft prompt in front of the encoder input',
+    fields=(('prompt_length', 20),
+            ('prompt_init', 'uniform'),      # 'uniform' | 'vocab' (rows of the loaded table)
+            ('prompt_init_range', 0.5), ('prompt_vocab_first_n', 5000)),
+    validate=_validate,
+    banks=True,
+    input_adapters=_input_adapters,
+    adds=('encoder_input_adapter',),
+    group=seam_group,
+    size_field='prompt_length',
+    after_load=_after_load,
+)
