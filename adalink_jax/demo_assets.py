@@ -21,7 +21,9 @@ def ensure(config: Any, pretrain_config: Any) -> str:
   if not os.path.exists(spm):
     log.info('demo: training the SentencePiece vocabulary at %s', spm)
     demo.train_vocabulary(spm)
-  out = os.path.join(assets, 'backbone')
+  # One backbone per family, so the PaLI demo and the PaliGemma demo never share a folder.
+  suffix = '' if config.model.family == 'pali' else f'_{config.model.family}'
+  out = os.path.join(assets, 'backbone' + suffix)
   if os.path.exists(os.path.join(out, backbone_lib.NATIVE_CARD)):
     return out
   pre = pretrain_config.copy_and_resolve_references()
@@ -29,7 +31,7 @@ def ensure(config: Any, pretrain_config: Any) -> str:
   log.info('demo: pre-training the tiny frozen backbone (%d steps of full fine-tuning on '
            'rendered shapes); done once, kept in %s', pre.total_steps, out)
   t0 = time.time()
-  result, params = trainer.train_and_return_params(pre, os.path.join(assets, 'pretrain_run'))
+  result, params = trainer.train_and_return_params(pre, os.path.join(assets, 'pretrain_run' + suffix))
   if result.get('preempted_at') is not None:
     raise preemption.Preempted('demo: backbone pre-training was interrupted (SIGTERM); run '
                                'the same command again to resume it')

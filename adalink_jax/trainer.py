@@ -22,17 +22,18 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from adalink_jax import checkpointing
-from adalink_jax import decoding
 from adalink_jax import evaluation
 from adalink_jax import input_pipeline
 from adalink_jax import logs
 from adalink_jax import model_builder
+from adalink_jax import multihost
 from adalink_jax import optim
 from adalink_jax import partitioning
 from adalink_jax import preemption
 from adalink_jax import workdir as workdir_lib
 from adalink_jax.checkpoints import backbone as backbone_lib
 from adalink_jax.peft import methods as peft_methods
+from adalink_jax.peft import registry as peft_registry
 from adalink_jax.peft import train as peft_train
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def plan_params(config: Any, setup: model_builder.Setup, mesh) -> tuple[Any, Any
   d = config.data
   batch = setup.init_batch(int(config.batch_size), int(d.text_len), int(d.target_len))
   boxed = jax.eval_shape(setup.init, jax.random.key(0), batch)
-  replicate = None if config.peft.method == 'ft' else setup.trainable
+  replicate = None if peft_registry.get(config.peft.method).trains_all else setup.trainable
   return boxed, partitioning.param_shardings(boxed, mesh, replicate=replicate), batch
 
 
@@ -70,10 +71,12 @@ class Trainer:
       raise ValueError(f'config.batch_size={config.batch_size} must be divisible by '
                        f'mesh data x fsdp = {replicas} (the batch is split over them)')
     self.source = input_pipeline.make_source(config)
+    _check_vocab_fits(getattr(self.source, 'vocab', None), self.setup)
     self.boxed_shapes, self.param_shardings, self._init_batch = plan_params(
         config, self.setup, self.mesh)
     self.tx, self.schedule = optim.make_optimizer(dict(config.optimizer))
     self._predict = None
+    self._score = None
 
   # ---------------------------------------------------------------- parameters
 
@@ -89,6 +92,12 @@ class Trainer:
     params = backbone_lib.load_into(self.config.init, params, self.param_shardings,
                                     self.setup)
     trainable, frozen = self._split(params)
+    peft_cfg = peft_methods.parse(self.config.peft)
+    after_load = peft_registry.get(peft_cfg.method).after_load
+    if after_load is not None:  # e.g. a prompt drawn from the loaded token table
+      with self.mesh:
+        trainable = after_load(peft_cfg, trainable, self.setup.embedding_table(frozen),
+                               jax.random.fold_in(jax.random.key(self.config.seed), 1))
     frozen = jax.tree.map(lambda x: x.astype(self.setup.frozen_dtype)
                           if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
     return trainable, frozen
@@ -134,28 +143,18 @@ class Trainer:
     dec = dict(self.config.eval.decoding)
     method = dec.pop('method', 'greedy')
     max_len = int(dec.pop('max_decode_len', self.config.data.target_len))
-    eos, start = self.setup.t5_config.eos_id, self.setup.t5_config.decoder_start_id
-    model, seed = self.setup.model, self.config.seed
+    if method == 'sample':
+      dec['rng'] = jax.random.key(self.config.seed)
 
     def predict(params, batch):
-      encoded, mask = self.setup.encode(params, batch)
-      task_id = batch.get('task_id')
-      if method == 'beam':
-        return decoding.beam_search(model, params, encoded, mask, max_len, eos_id=eos,
-                                    start_id=start, task_id=task_id, **dec).sequences
-      if method == 'sample':
-        return decoding.sample_decode(model, params, encoded, mask, max_len,
-                                      jax.random.key(seed), eos_id=eos, start_id=start,
-                                      task_id=task_id, **dec)
-      return decoding.greedy_decode(model, params, encoded, mask, max_len, eos_id=eos,
-                                    start_id=start, task_id=task_id)
+      return self.setup.generate(params, batch, max_len, method, **dec)
     self._predict = jax.jit(predict, out_shardings=partitioning.batch_sharding(self.mesh, 2))
     return self._predict
 
   def _padding_batch(self, like: dict | None) -> dict:
     """An all-invalid eval batch, for a host whose shard of the eval set ran out first."""
     if like is None:  # this host had no eval example at all
-      n = input_pipeline.local_batch_size(int(self.config.batch_size))
+      n = multihost.local_batch_size(int(self.config.batch_size))
       keys = [k for k in _ENCODE_KEYS if k in self._init_batch
               and (k != 'task_id' or 'image' in self._init_batch)]
       like = {k: np.zeros((n,) + self._init_batch[k].shape[1:], self._init_batch[k].dtype)
@@ -164,8 +163,30 @@ class Trainer:
     pad = {k: np.zeros_like(v) for k, v in like.items()}
     return dict(pad, valid=np.zeros((n,), bool), targets=[None] * n, prompts=[''] * n)
 
-  def _eval_rows(self, params: dict, task: str) -> tuple[list, list, list]:
-    """(predictions, targets, prompts) of one eval task, valid rows, every host's.
+  def _scorer(self):
+    """The jitted teacher-forced score of one candidate (rank classification), built once."""
+    if self._score is None:
+      self._score = jax.jit(self.setup.score_targets,
+                            out_shardings=partitioning.batch_sharding(self.mesh, 1))
+    return self._score
+
+  def _ranked(self, params: dict, batch: dict, candidates: np.ndarray, n: int) -> np.ndarray:
+    """Label index per local row: each candidate scored by one forward over the batch."""
+    score, spec = self._scorer(), partitioning.batch_sharding(self.mesh, 1).spec
+    cols = []
+    for row in candidates:
+      targets = self.to_global({'t': np.broadcast_to(row, (n, len(row))).astype(np.int32)})['t']
+      cols.append(np.asarray(multihost_utils.global_array_to_host_local_array(
+          score(params, batch, targets), self.mesh, spec)))
+    scores = np.stack(cols, axis=1)
+    if not np.all(np.isfinite(scores)):
+      raise FloatingPointError(f'rank classification: non-finite candidate scores ({scores.shape} '
+                               'batch x labels); the model produced NaN/Inf log-probs')
+    return np.argmax(scores, axis=1)
+
+  def _eval_rows(self, params: dict, task: evaluation.EvalTask) -> tuple[list, list, list, list]:
+    """(predictions, targets, prompts, ranked label indices or []) of one eval task, valid
+    rows, every host's.
 
     Every host runs the same number of batches -- a host whose shard ran out feeds padding,
     masked out of the metric -- so the collectives inside ``predict`` cannot hang; the decoded
@@ -173,7 +194,7 @@ class Trainer:
     """
     predict = self._predictor()
     spec = partitioning.batch_sharding(self.mesh, 2).spec
-    batches = iter(self.source.eval_batches(int(self.config.eval.num_batches), task))
+    batches = iter(self.source.eval_batches(int(self.config.eval.num_batches), task.name))
     rows, template = [], None
     while True:
       local = next(batches, None)
@@ -185,13 +206,17 @@ class Trainer:
       template = template or model_inputs
       n = len(local['targets'])
       valid = local.get('valid', np.ones((n,), bool))
-      tokens = predict(params, self.to_global(model_inputs))
+      batch = self.to_global(model_inputs)
+      tokens = predict(params, batch)
       tokens = np.asarray(multihost_utils.global_array_to_host_local_array(tokens, self.mesh, spec))
+      ranked = (self._ranked(params, batch, task.candidates, n) if task.candidates is not None
+                else np.full((n,), -1))
       prompts = local.get('prompts', [''] * n)
-      rows += [(self.source.decode_text(tokens[i]), _jsonable(local['targets'][i]), prompts[i])
-               for i in range(n) if valid[i]]
-    rows = input_pipeline.gather_strings(rows)
-    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+      rows += [(self.source.decode_text(tokens[i]), _jsonable(local['targets'][i]), prompts[i],
+                int(ranked[i])) for i in range(n) if valid[i]]
+    rows = multihost.gather_strings(rows)
+    ranked = [r[3] for r in rows] if task.candidates is not None else []
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], ranked
 
   def evaluate(self, trainable: dict, frozen: dict, step: int, write: bool = True) -> dict:
     """Decodes every eval task, scores each by its own rules, writes predictions and metrics.
@@ -203,8 +228,10 @@ class Trainer:
     params = peft_methods.merge(trainable, frozen)
     with self.mesh:
       for task in self.source.eval_tasks():
-        predictions, targets, prompts = self._eval_rows(params, task.name)
+        predictions, targets, prompts, ranked = self._eval_rows(params, task)
         per_task[task.name] = evaluation.score(task, predictions, targets)
+        if ranked:
+          per_task[task.name].update(evaluation.score_ranked(task, ranked, targets))
         outputs[task.name] = (predictions, targets, prompts)
     metrics = evaluation.flatten(per_task)
     if write and jax.process_index() == 0:
@@ -222,6 +249,17 @@ class Trainer:
                    **({'num_examples_per_task': {k: len(o[0]) for k, o in outputs.items()}}
                       if several else {}), **metrics}, f, indent=1)
     return metrics
+
+
+def _check_vocab_fits(vocab: Any, setup: model_builder.Setup) -> None:
+  """Refuses a task vocabulary larger than the model's token table, for every family: ids
+  beyond the table would be silently clamped by the embedding lookup."""
+  if vocab is not None and vocab.vocab_size > setup.vocab_size:
+    raise ValueError(f'the task vocabulary ({vocab.vocab_size} ids, config.data.vocab) does not '
+                     f'fit the model\'s token table ({setup.vocab_size} rows, config.model '
+                     f'{setup.family} {setup.config.model.get("name")!r}): ids beyond the table '
+                     'would be silently clamped; raise the model\'s vocab_size override or use '
+                     'its own vocabulary')
 
 
 def _jsonable(x: Any) -> Any:

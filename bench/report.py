@@ -10,7 +10,7 @@ MiB, GiB = float(2 ** 20), float(2 ** 30)
 STEP_RATIO_MAX = 0.70     # AdaLink step time / full-FT step time
 MEMORY_RATIO_MAX = 0.50   # AdaLink peak memory / full-FT (AdamW) peak memory
 MFU_MIN = 0.50            # train-step FLOP/s / measured matmul FLOP/s at T5-base, seq 512
-SCALE_GIB_MAX = 16.0      # per-device memory of the simulated PaLI-X AdaLink step
+SCALE_GIB_MAX = 16.0      # per-device memory of each simulated AdaLink step (PaLI-X, ...)
 
 
 def _ok(rows: list[dict]) -> list[dict]:
@@ -133,26 +133,35 @@ def _decode_table(results: dict) -> list[str]:
   return out
 
 
+def _layers(s: dict) -> str:
+  """Stack depths of a scale row: ``ViT 48 / T5 32 + 32`` or ``ViT 27 / Gemma 42 (21 local)``."""
+  if 'gemma_layers' in s:
+    return (f'ViT {s["vit_depth"]} / Gemma {s["gemma_layers"]} '
+            f'({s.get("gemma_local_layers", 0)} local)')
+  return f'ViT {s["vit_depth"]} / T5 {s["t5_encoder_layers"]} + {s["t5_decoder_layers"]}'
+
+
 def _scale_table(results: dict) -> list[str]:
   rows = results.get('scale', [])
   if not rows:
     return []
-  out = ['| run | layers (ViT / enc / dec) | mesh | params | activation constraints | compile s | '
-         'args GiB | temps GiB | total GiB/device |', '|---|---|---|---|---|---|---|---|---|']
+  out = ['| model | run | layers (ViT / LM: T5 enc + dec, or Gemma) | mesh | params | '
+         'activation constraints | compile s | args GiB | temps GiB | total GiB/device |',
+         '|---|---|---|---|---|---|---|---|---|---|']
   for s in rows:
     if 'error' in s:
-      out.append(f'| {s.get("label", "?")} | ERROR: {s["error"][:160]} |')
+      out.append(f'| {s.get("model", "?")} | {s.get("label", "?")} | ERROR: {s["error"][:160]} |')
       continue
     m = s['xla_memory']
     mesh = 'x'.join(f'{k}={v}' for k, v in s['mesh'].items())
-    out.append(f'| {s.get("label", "")} | {s["vit_depth"]} / {s["t5_encoder_layers"]} / '
-               f'{s["t5_decoder_layers"]} | {mesh} | {s["params_total"] / 1e9:.2f}B | '
+    out.append(f'| {s["model"]} | {s.get("label", "")} | {_layers(s)} | {mesh} | '
+               f'{s["params_total"] / 1e9:.2f}B | '
                f'{"yes" if s.get("activation_constraints") else "no"} | '
                f'{s.get("compile_s", 0):.0f} | {_n(m["argument"] / GiB)} | {_n(m["temp"] / GiB)} | '
                f'{_n(m["total"] / GiB)} |')
   for s in rows:
     if s.get('note'):
-      out.append(f'\n{s.get("label")}: {s["note"]}')
+      out.append(f'\n{s.get("model")} {s.get("label")}: {s["note"]}')
   return out
 
 

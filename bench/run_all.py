@@ -8,10 +8,12 @@ Stages (each configuration in its own child process, see :mod:`bench.common`):
   median is the MFU denominator.
 * ``train``: every model x method of :data:`bench.setups.TRAIN_MODELS` (:mod:`bench.train_step`).
 * ``decode``: greedy / beam search with and without the KV cache (:mod:`bench.decoding`).
-* ``scale``: the PaLI-X AdaLink step compiled on a fake 256-device mesh (:mod:`bench.scale_sim`);
-  with activation batch constraints (primary) and, at full size, without them (the model as
-  it is). If the full depth does not compile within the time limit, two reduced depths are
-  compiled and every memory component is extrapolated linearly in depth (marked as such).
+* ``scale``: the AdaLink steps of :data:`bench.setups.SCALE` (PaLI-X and PaliGemma 2 10B)
+  compiled on a fake 256-device mesh (:mod:`bench.scale_sim`), one model after the other
+  (``--scale_models`` picks some); with activation batch constraints (primary) and, at full
+  size, without them (the model as it is). If the full depth does not compile within the time
+  limit, two reduced depths are compiled and every memory component is extrapolated linearly
+  in depth (marked as such).
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ import os
 import sys
 import time
 
-from adalink_jax.models import pali as pali_lib
 from bench import common
 from bench import report
+from bench import scale_sim
 from bench import setups
 
 STAGES = ('train', 'decode', 'scale')
@@ -88,10 +90,20 @@ def _extrapolate(a: dict, b: dict) -> dict:
   return mem
 
 
-def run_scale(size: str, variants: bool) -> list[dict]:
-  base = dict(setups.SCALE[size])
+def _full_depth_fields(model: dict, trainable: int) -> dict:
+  """Layer counts and parameter count of the full-depth model (for the extrapolated row)."""
+  setup = scale_sim.build(model)
+  return dict(scale_sim.layer_counts(setup),
+              params_total=scale_sim.backbone_params(setup) + trainable)
+
+
+def run_scale_model(base: dict, variants: bool) -> list[dict]:
+  """Rows of one model of :data:`bench.setups.SCALE`: full depth (or two reduced depths and the
+  extrapolation), plus the run without activation constraints when ``variants``."""
+  base = dict(base)
   timeout = base.pop('timeout_s')
-  _log(f'scale {base["model"]["name"]} (full depth, activation constraints, limit {timeout} s)')
+  name = base['model']['name']
+  _log(f'scale {name} (full depth, activation constraints, limit {timeout} s)')
   full = _scale_child(dict(base, activation_constraints=True), timeout)
   rows = []
   if 'error' not in full:
@@ -100,31 +112,33 @@ def run_scale(size: str, variants: bool) -> list[dict]:
     _log(f'  full depth failed ({full["error"][:200]}); reduced depths + extrapolation')
     parts = [_scale_child(dict(base, activation_constraints=True, layer_fraction=f), timeout)
              for f in (0.125, 0.25)]
-    rows.append(dict(full, label='full depth (failed)'))
+    rows.append(dict(full, model=name, label='full depth (failed)'))
     for p in parts:
-      rows.append(dict(p, label=f'depth x{p.get("layer_fraction", "?")}'))
+      rows.append(dict(p, model=name, label=f'depth x{p.get("layer_fraction", "?")}'))
     if all('error' not in p for p in parts):
       ext = dict(parts[1], label='extrapolated to full depth', primary=True,
                  xla_memory=_extrapolate(*parts), layer_fraction=1.0, compile_s=0.0,
                  note='NOT compiled: each memory component fitted linearly in depth through '
                       'the two reduced-depth compiles and evaluated at full depth.')
-      full_cfg = pali_lib.pali_config(base['model']['name'])
-      ext.update(vit_depth=full_cfg.vit.depth, t5_encoder_layers=full_cfg.t5.num_encoder_layers,
-                 t5_decoder_layers=full_cfg.t5.num_decoder_layers, extrapolated=True,
-                 params_total=pali_lib.config_param_count(full_cfg) +
-                 parts[1]['params_trainable'])
+      ext.update(_full_depth_fields(base['model'], parts[1]['params_trainable']),
+                 extrapolated=True)
       rows.append(ext)
   if variants:
-    _log('scale, full depth, without activation constraints (the model as it is)')
+    _log(f'scale {name}, full depth, without activation constraints (the model as it is)')
     r = _scale_child(dict(base, activation_constraints=False), timeout)
-    rows.append(dict(r, label='full depth, no constraints', primary=False,
+    rows.append(dict(r, model=name, label='full depth, no constraints', primary=False,
                      note='Without activation sharding constraints XLA propagation keeps the '
                           'global batch on every device (weights FSDP-sharded on embed '
                           'conflict with the batch sharding).'))
   for r in rows:
     if 'xla_memory' in r:
-      _log(f'  {r["label"]}: {r["xla_memory"]["total"] / 2**30:.2f} GiB per device')
+      _log(f'  {name} {r["label"]}: {r["xla_memory"]["total"] / 2**30:.2f} GiB per device')
   return rows
+
+
+def run_scale(size: str, variants: bool, names: list[str]) -> list[dict]:
+  """Every named model of ``setups.SCALE[size]``, one after the other."""
+  return [r for n in names for r in run_scale_model(setups.SCALE[size][n], variants)]
 
 
 def main(argv=None) -> dict:
@@ -142,6 +156,8 @@ def main(argv=None) -> dict:
   parser.add_argument('--dtype', default='float32', help='activation dtype of the train step')
   parser.add_argument('--scale_variants', default=None, choices=('yes', 'no'),
                       help='also compile without activation constraints (default: full only)')
+  parser.add_argument('--scale_models', default='',
+                      help='scale-stage models (default: all of the size), e.g. paligemma2_10b')
   args = parser.parse_args(argv)
 
   stages = [s for s in args.only.split(',') if s]
@@ -159,6 +175,10 @@ def main(argv=None) -> dict:
     parser.error(f'--models: {sorted(unknown)} not in {sorted(setups.TRAIN_MODELS[args.size])}')
   if {m for ms in models.values() for m in ms} - set(setups.METHODS):
     parser.error(f'--methods / --models: choose methods from {setups.METHODS}')
+  scale_models = [m for m in args.scale_models.split(',') if m] or list(setups.SCALE[args.size])
+  if set(scale_models) - set(setups.SCALE[args.size]):
+    parser.error(f'--scale_models: {sorted(set(scale_models) - set(setups.SCALE[args.size]))} '
+                 f'not in {sorted(setups.SCALE[args.size])}')
   steps = args.steps or (10 if args.size == 'full' else 2)
   variants = (args.scale_variants == 'yes') if args.scale_variants else args.size == 'full'
 
@@ -196,7 +216,7 @@ def main(argv=None) -> dict:
     results['decode'] = run_decode(args.size)
     save()
   if 'scale' in stages:
-    results['scale'] = run_scale(args.size, variants)
+    results['scale'] = run_scale(args.size, variants, scale_models)
     save()
 
   results['load_after'] = common.load_average()

@@ -18,10 +18,10 @@ import ml_collections
 
 from adalink_jax.models import t5 as t5_lib
 from adalink_jax.models import vit as vit_lib
+from adalink_jax.peft import registry
 
-METHODS = ('ft', 'adalink', 'lora', 'prompt', 'adapter')
-
-# Method settings (the paper's AdaLink rank; usual values for the baselines).
+# Method settings (the paper's AdaLink rank; usual values for the baselines). A registered
+# method not listed here is benchmarked with its module's defaults.
 PEFT = {
     'ft': dict(method='ft'),
     'adalink': dict(method='adalink', rank=64),  # modalities filled in per model
@@ -30,6 +30,10 @@ PEFT = {
     'prompt': dict(method='prompt', prompt_length=20),
     'adapter': dict(method='adapter', adapter_dim=64, adapter_where=('attention', 'mlp')),
 }
+# Every registered method: those above first (FT, the baseline of every ratio, leads), then
+# the rest of the registry in its order.
+METHODS = registry.check(tuple(PEFT), 'bench.setups.PEFT') + tuple(
+    m for m in registry.names() if m not in PEFT)
 
 
 def _t5_shape(name: str) -> dict:
@@ -77,22 +81,34 @@ DECODE = {
                  batches=(1, 32), beams=4, reps=3),
 }
 
-# Scale simulation: AdaLink on the PaLI-X shape over a fake mesh (nothing allocated).
+# Scale simulation: the AdaLink step of each model over a fake mesh (nothing allocated), name ->
+# spec (bench.scale_sim). PaliGemma 2 10B (SigLIP So400m/14 at 224 px + Gemma 2 9B) shares the
+# PaLI-X mesh, batch and lengths. Tiny: one model per family, 8 devices.
+_TINY_SHAPE = dict(mesh=dict(data=2, fsdp=4, model=1), batch_per_device=1, text_len=8,
+                  target_len=8, timeout_s=120)
+_FULL_SHAPE = dict(mesh=dict(data=1, fsdp=256, model=1), batch_per_device=1, text_len=64,
+                  target_len=32, timeout_s=900)
 SCALE = {
-    'tiny': dict(model=dict(family='pali', name='tiny'), mesh=dict(data=2, fsdp=4, model=1),
-                 batch_per_device=1, text_len=8, target_len=8, timeout_s=120),
-    'full': dict(model=dict(family='pali', name='palix'), mesh=dict(data=1, fsdp=256, model=1),
-                 batch_per_device=1, text_len=64, target_len=32, timeout_s=900),
+    'tiny': {
+        'pali_tiny': dict(model=dict(family='pali', name='tiny'), **_TINY_SHAPE),
+        'paligemma2_tiny': dict(model=dict(family='paligemma', name='paligemma2_tiny'),
+                                **_TINY_SHAPE),
+    },
+    'full': {
+        'palix': dict(model=dict(family='pali', name='palix'), **_FULL_SHAPE),
+        'paligemma2_10b': dict(model=dict(family='paligemma', name='paligemma2_10b',
+                                          image_size=224), **_FULL_SHAPE),
+    },
 }
 
 
 def peft_block(method: str, family: str) -> dict:
   """The ``peft`` config block of a method; AdaLink adapts the image tokens too on PaLI."""
-  if method not in PEFT:
+  if method not in METHODS:
     raise ValueError(f'unknown method {method!r}; choose from {METHODS}')
-  block = dict(PEFT[method])
+  block = dict(PEFT.get(method, dict(method=method)))
   if method == 'adalink':
-    block['modalities'] = ('text', 'image') if family == 'pali' else ('text',)
+    block['modalities'] = ('text', 'image') if family in ('pali', 'paligemma') else ('text',)
   return block
 
 

@@ -82,19 +82,24 @@ def test_decode_and_scale_sane(results):
   for r in dec['rows']:
     assert _pos(r['tokens_per_s']) and _pos(r['time_s'])
     assert r['out_shape'] == [r['batch'], r['max_len']]
-  (scale,) = res['scale']
-  assert 'error' not in scale, scale.get('error')
-  assert scale['num_devices'] == 8 and scale['primary']
-  assert _pos(scale['xla_memory']['total']) and _pos(scale['compile_s'])
-  # Frozen weights are sharded: one device holds well under the whole frozen model.
-  assert scale['frozen_bytes_per_device'] < scale['frozen_bytes_total'] / 2
+  # One row per tiny scale model (PaLI and PaliGemma), in SCALE's order.
+  rows = res['scale']
+  assert [r['family'] for r in rows] == ['pali', 'paligemma']
+  for scale in rows:
+    assert 'error' not in scale, scale.get('error')
+    assert scale['num_devices'] == 8 and scale['primary']
+    assert _pos(scale['xla_memory']['total']) and _pos(scale['compile_s'])
+    # Frozen weights are sharded: one device holds well under the whole frozen model.
+    assert scale['frozen_bytes_per_device'] < scale['frozen_bytes_total'] / 2
+  assert (rows[0]['t5_encoder_layers'], rows[1]['gemma_layers']) == (2, 4)
 
 
 def test_targets_reported_with_misses_quantified(results):
   _, res = results
   names = [t['name'] for t in res['targets']]
   assert any('AdaLink step / FT step' in n for n in names)
-  assert any('MFU' in n for n in names) and any('scale sim' in n for n in names)
+  assert any('MFU' in n for n in names)
+  assert sum('scale sim' in n for n in names) == len(setups.SCALE['tiny'])
   for t in res['targets']:
     assert t['met'] in (True, False)
     assert (t['miss_by'] == 0) == t['met'] and ('MISSED' in t['text']) == (not t['met'])

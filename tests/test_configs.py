@@ -19,11 +19,16 @@ def _load(path):
 
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
 def test_config_builds_and_sweeps(path):
-  import tasks  # noqa: F401  (registers every task)
+  import tasks  # pylint: disable=g-import-not-at-top
+  from adalink_jax import data  # pylint: disable=g-import-not-at-top
+  tasks.register_all(data.DataConfig())  # the default data config: names are all it needs
   module = _load(path)
   c = module.get_config()
-  assert c.model.family in ('t5', 'pali') and c.peft.method in ('adalink', 'prompt', 'lora',
-                                                                'adapter', 'ft')
+  from adalink_jax import families  # pylint: disable=g-import-not-at-top
+  from adalink_jax.peft import registry  # pylint: disable=g-import-not-at-top
+  assert c.model.family in families.FAMILIES and c.peft.method in registry.names()
+  assert {k for k, v in c.init.items() if v and k != 'native' and not k.endswith('_format')} <= \
+      set(families.get(c.model.family).init_towers)
   if c.data.kind == 'seqio':
     seqio.get_mixture_or_task(c.data.task)  # raises if not registered
     if c.data.eval_task:

@@ -195,3 +195,18 @@ def test_config_typo_names_the_field(assets, tmp_path):
   proc = subprocess.run(cli_args(assets, tmp_path) + ['--config.peft.rnak=3'], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and 'rnak' in proc.stderr
+
+
+def test_prompt_vocab_init_draws_rows_of_the_loaded_table(assets, tmp_path):  # noqa: F811
+  """peft.prompt_init='vocab' from a config: every prompt vector is a row of the first
+  prompt_vocab_first_n rows of the *loaded* embedding table (Lester et al.)."""
+  from adalink_jax import trainer  # pylint: disable=g-import-not-at-top
+  c = tiny_config(assets, **{'peft.method': 'prompt'})
+  c.peft.prompt_length, c.peft.prompt_init, c.peft.prompt_vocab_first_n = 6, 'vocab', 20
+  trainable, frozen = trainer.Trainer(c, str(tmp_path)).init_params()
+  table = np.asarray(frozen['t5']['token_embedder']['embedding'])[:20]
+  prompt = np.asarray(trainable['encoder_input_adapter']['prompt'])
+  assert prompt.shape == (6, table.shape[1])
+  for row in prompt:
+    assert np.min(np.abs(table - row).max(axis=1)) == 0.0
+  assert len({tuple(r) for r in prompt}) > 1

@@ -4,6 +4,10 @@
   native:      a directory written by :func:`save_native` (the whole model, any family).
   t5, t5_format:   a T5 checkpoint ('hf' safetensors directory or 't5x' checkpoint directory).
   vit, vit_format: an image tower ('big_vision' npz or 'hf' SigLIP/ViT safetensors), PaLI only.
+  gemma, gemma_format: a Gemma decoder ('gguf' file or 'hf' directory), Gemma family.
+  paligemma, paligemma_format: a PaliGemma ('big_vision' npz or 'hf' directory).
+Each family fills the towers it names (``families.*.init_towers``) in its ``load``; a field of
+another family is refused.
 Anything not given keeps its random initialisation -- said in the log, as is a PaLI assembled
 from separate towers whose projection ``img_proj`` therefore starts fresh.
 """
@@ -12,14 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 from typing import Any, Mapping
 
 import jax
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from adalink_jax.checkpoints import common
+from adalink_jax.checkpoints.streaming import place
 
 log = logging.getLogger(__name__)
 
@@ -44,35 +49,43 @@ def _read_native_into(directory: str, params: dict, shardings: Mapping) -> dict:
         file, 'a native adalink_jax backbone (params.safetensors + backbone.json)',
         'write one with adalink_jax.checkpoints.backbone.save_native, or for the demo run '
         '`python scripts/make_demo_assets.py`')
-  flat = common.flatten(params)
-  flat_sh = common.flatten(dict(shardings))
-  with safe_open(file, framework='numpy') as f:
-    names = list(f.keys())
-    expected = {k: v for k, v in flat.items() if not _is_adapter_path(k)}
-    on_disk = {k: jax.ShapeDtypeStruct(tuple(f.get_slice(k).get_shape()), np.float32)
-               for k in names}
-    common.check_tree(expected, on_disk, source=file)
-    for name in names:
-      sl = f.get_slice(name)
-      target = flat[name]
-      flat[name] = jax.make_array_from_callback(
-          target.shape, flat_sh[name],
-          lambda idx, sl=sl, dt=target.dtype: np.asarray(sl[idx]).astype(dt))
-  return common.unflatten(flat)
+  from adalink_jax.checkpoints import hf  # pylint: disable=g-import-not-at-top
+  return place(hf.safetensors_sources([pathlib.Path(file)]), params, shardings=dict(shardings),
+               skip=_is_adapter_path, where=file)
 
 
 def _is_adapter_path(path: str) -> bool:
-  # Parameters a method adds on top of a backbone; a backbone checkpoint never has them.
-  return any(m in f'/{path}/' for m in ('encoder_input_adapter', 'decoder_input_adapter',
-                                        '/lora/', '_adapter/'))
+  # Parameters a method adds on top of a backbone (each method declares them in the registry);
+  # a backbone checkpoint never has them.
+  from adalink_jax.peft import registry  # pylint: disable=g-import-not-at-top
+  return registry.is_added_path(path)
 
 
 def load_into(init: Mapping, params: dict, shardings: Any, setup: Any) -> dict:
-  """Loads the checkpoints named in ``init`` over the randomly initialised ``params``."""
+  """Loads the checkpoints named in ``init`` over the randomly initialised ``params``.
+
+  ``init.native``: a whole backbone this project wrote; otherwise the family's ``load``
+  fills the towers it names (``setup.init_towers``: ``t5``/``vit``, ``gemma``, ``paligemma``).
+  """
   init = dict(init or {})
   if init.get('native'):
     log.info('loading backbone from %s', init['native'])
     return _read_native_into(init['native'], params, shardings)
+  towers = set(getattr(setup, 'init_towers', ()))
+  stray = sorted(k for k, v in init.items()
+                 if v and k != 'native' and not k.endswith('_format') and k not in towers)
+  if stray:
+    raise ValueError(f'config.init.{stray[0]} is set but config.model.family='
+                     f'{setup.family!r} loads only {sorted(towers) or "native"}; unset it')
+  params = setup.load(init, params, shardings)
+  if not any(v for k, v in init.items() if not k.endswith('_format')):
+    log.warning('config.init is empty: the backbone is RANDOMLY initialised')
+  return params
+
+
+def load_encoder_decoder(init: Mapping, params: dict, shardings: Any, setup: Any) -> dict:
+  """The T5 / PaLI families' ``load``: ``init.t5`` (HF or T5X) and ``init.vit`` (big_vision
+  npz or HF SigLIP / ViT)."""
   pali = setup.family == 'pali'
   if init.get('t5'):
     t5_params, t5_sh = (params['t5'], shardings['t5']) if pali else (params, shardings)
@@ -112,8 +125,6 @@ def load_into(init: Mapping, params: dict, shardings: Any, setup: Any) -> dict:
                 'from a fresh random initialisation%s',
                 '' if init.get('vit') and init.get('t5') else
                 '; so does the tower that was not given')
-  if not any(init.values()):
-    log.warning('config.init is empty: the backbone is RANDOMLY initialised')
   return params
 
 

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adalink_jax.models import intrusive
 from adalink_jax.models import layers
 from adalink_jax.models.axes import param
 from adalink_jax.models.t5 import constrain_activations
@@ -74,6 +75,8 @@ class GemmaConfig:
   param_dtype: Dtype = jnp.float32  # stored weights
   scan_layers: bool = False
   remat_policy: str = 'none'  # 'none' | 'full' | 'minimal', as in T5
+  # Intrusive hooks ((site, hook) pairs, see models.intrusive); () means plain Gemma.
+  hooks: intrusive.Hooks = ()
   pad_id: int = 0
   eos_id: int = 1
   bos_id: int = 2
@@ -198,19 +201,30 @@ class Embedder(nn.Module):
 
 
 class HeadsProjection(nn.Module):
-  """``x[b, l, embed] -> [b, l, heads, head_dim]`` with a 3-D kernel (head axis named)."""
+  """``x[b, l, embed] -> [b, l, heads, head_dim]`` with a 3-D kernel (head axis named).
+
+  hooks: this projection's intrusive hooks (``intrusive.at(table, 'query')`` ...); they see the
+  output with heads joined, ``[b, l, heads * head_dim]`` (axes ``embed -> joined_kv``).
+  """
   num_heads: int
   head_dim: int
   heads_axis: str = 'heads'  # 'kv_heads' for K/V: GQA/MQA have too few heads to shard
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  hooks: intrusive.Hooks = ()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = param(self, 'kernel', layers.default_kernel_init,
                    (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype,
                    ('embed', self.heads_axis, 'kv'))
-    return jnp.einsum('bld,dhk->blhk', x.astype(self.dtype), kernel.astype(self.dtype))
+    y = jnp.einsum('bld,dhk->blhk', x.astype(self.dtype), kernel.astype(self.dtype))
+    if not self.hooks:
+      return y
+    joined = intrusive.run(self.hooks, y.reshape(y.shape[:2] + (-1,)), x,
+                           axes=('embed', 'joined_kv'), dtype=self.dtype,
+                           param_dtype=self.param_dtype)
+    return joined.reshape(y.shape)
 
 
 def softcap(x: jax.Array, cap: Optional[float]) -> jax.Array:
@@ -269,9 +283,12 @@ class Attention(nn.Module):
   def __call__(self, x, cos, sin, mask, cache=None, write_index=None):
     cfg = self.config
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    q = HeadsProjection(cfg.num_heads, cfg.head_dim, name='q_proj', **kw)(x)
-    k = HeadsProjection(cfg.num_kv_heads, cfg.head_dim, 'kv_heads', name='k_proj', **kw)(x)
-    v = HeadsProjection(cfg.num_kv_heads, cfg.head_dim, 'kv_heads', name='v_proj', **kw)(x)
+    at = lambda site: intrusive.at(cfg.hooks, site)
+    q = HeadsProjection(cfg.num_heads, cfg.head_dim, name='q_proj', hooks=at('query'), **kw)(x)
+    k = HeadsProjection(cfg.num_kv_heads, cfg.head_dim, 'kv_heads', name='k_proj',
+                        hooks=at('key'), **kw)(x)
+    v = HeadsProjection(cfg.num_kv_heads, cfg.head_dim, 'kv_heads', name='v_proj',
+                        hooks=at('value'), **kw)(x)
     if cfg.use_qk_norm:
       q = RMSNorm(cfg.norm_eps, 'kv', cfg.param_dtype, name='query_norm')(q)
       k = RMSNorm(cfg.norm_eps, 'kv', cfg.param_dtype, name='key_norm')(k)
@@ -294,7 +311,10 @@ class Attention(nn.Module):
 
 
 class OutProjection(nn.Module):
-  """``[b, l, heads, head_dim] -> [b, l, embed]`` with kernel ``[heads, head_dim, embed]``."""
+  """``[b, l, heads, head_dim] -> [b, l, embed]`` with kernel ``[heads, head_dim, embed]``.
+
+  Hooks at site 'out' see the input with heads joined, ``[b, l, heads * head_dim]``.
+  """
   config: GemmaConfig
 
   @nn.compact
@@ -303,21 +323,28 @@ class OutProjection(nn.Module):
     kernel = param(self, 'kernel', layers.default_kernel_init,
                    (cfg.num_heads, cfg.head_dim, cfg.d_model), cfg.param_dtype,
                    ('heads', 'kv', 'embed'))
-    return jnp.einsum('blhk,hkd->bld', x.astype(cfg.dtype), kernel.astype(cfg.dtype))
+    y = jnp.einsum('blhk,hkd->bld', x.astype(cfg.dtype), kernel.astype(cfg.dtype))
+    return intrusive.apply(cfg.hooks, 'out', y, x.reshape(x.shape[:2] + (-1,)),
+                           axes=('joined_kv', 'embed'), dtype=cfg.dtype,
+                           param_dtype=cfg.param_dtype)
 
 
 class Mlp(nn.Module):
-  """GeGLU: ``down(gelu_tanh(gate(x)) * up(x))``."""
+  """GeGLU: ``down(gelu_tanh(gate(x)) * up(x))``. Hook sites: 'wi' (gate and up), 'mlp_hidden'
+  (the input of down) and 'wo' (down)."""
   config: GemmaConfig
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    gate = layers.Dense(cfg.d_ff, ('embed', 'mlp'), name='gate_proj', **kw)(x)
-    up = layers.Dense(cfg.d_ff, ('embed', 'mlp'), name='up_proj', **kw)(x)
+    wi = intrusive.at(cfg.hooks, 'wi')
+    gate = layers.Dense(cfg.d_ff, ('embed', 'mlp'), name='gate_proj', hooks=wi, **kw)(x)
+    up = layers.Dense(cfg.d_ff, ('embed', 'mlp'), name='up_proj', hooks=wi, **kw)(x)
     h = nn.gelu(gate, approximate=True) * up
-    return layers.Dense(cfg.d_model, ('mlp', 'embed'), name='down_proj', **kw)(h)
+    h = intrusive.apply(cfg.hooks, 'mlp_hidden', h, axes=('mlp',), **kw)
+    return layers.Dense(cfg.d_model, ('mlp', 'embed'), name='down_proj',
+                        hooks=intrusive.at(cfg.hooks, 'wo'), **kw)(h)
 
 
 # ------------------------------------------------------------------ blocks
@@ -339,16 +366,19 @@ class Block(nn.Module):
     cos, sin = jnp.where(is_local, cos_l, cos_g), jnp.where(is_local, sin_l, sin_g)
     mask = jnp.where(is_local, mask_l, mask_g)
     norm = lambda name: RMSNorm(cfg.norm_eps, param_dtype=cfg.param_dtype, name=name)
+    # Hooks on a sub-block's output, right before the residual add (e.g. bottleneck adapters).
+    out_hooks = lambda site, y: intrusive.apply(cfg.hooks, site, y, axes=('embed',),
+                                                dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     x = constrain_activations(x)
     y = norm('pre_attention_norm')(x)
     y, kv = Attention(cfg, name='attn')(y, cos, sin, mask, cache, write_index)
     if cfg.use_post_norms:
       y = norm('post_attention_norm')(y)
-    x = x + y
+    x = x + out_hooks('attention_out', y)
     y = Mlp(cfg, name='mlp')(norm('pre_ffw_norm')(x))
     if cfg.use_post_norms:
       y = norm('post_ffw_norm')(y)
-    return x + y, (None if cache is None else kv)
+    return x + out_hooks('mlp_out', y), (None if cache is None else kv)
 
 
 _REMAT_POLICIES = {
@@ -426,7 +456,7 @@ class Gemma(nn.Module):
     near = jnp.abs(query_slots[:, None] - key_slots[None, :]) < cfg.sliding_window
     return g, g & near[None]
 
-  def _blocks(self, x, positions, masks, cache, write_index):
+  def blocks(self, x, positions, masks, cache, write_index):
     """Runs every layer -> (final-normed hidden ``[b, q, d]``, updated (k, v) or None)."""
     cfg = self.config
     x = x.astype(cfg.dtype)
@@ -447,7 +477,8 @@ class Gemma(nn.Module):
         cache = (jnp.stack([c[0] for c in outs]), jnp.stack([c[1] for c in outs]))
     return self.final_norm(x), cache
 
-  def _logits(self, h: jax.Array) -> jax.Array:
+  def head(self, h: jax.Array) -> jax.Array:
+    """``h[..., d_model]`` (final-normed) -> fp32 logits ``[..., vocab]`` (tied table, soft-cap)."""
     logits = self.embedder.decode(h).astype(jnp.float32)
     return softcap(logits, self.config.final_logit_softcap)
 
@@ -475,8 +506,8 @@ class Gemma(nn.Module):
     _check_shape('positions', positions, (b, length))
     slots = jnp.arange(length)
     masks = self._masks(mask, slots, slots, prefix_len, attention)
-    h, _ = self._blocks(x, positions, masks, None, None)
-    return self._logits(h)
+    h, _ = self.blocks(x, positions, masks, None, None)
+    return self.head(h)
 
   def __call__(self, tokens: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
                mask: Optional[jax.Array] = None, prefix_len: Optional[jax.Array] = None, *,
@@ -491,11 +522,14 @@ class Gemma(nn.Module):
 
   def prefill(self, x: jax.Array, mask: Optional[jax.Array] = None,
               positions: Optional[jax.Array] = None, prefix_len: Optional[jax.Array] = None,
-              max_len: Optional[int] = None) -> tuple[jax.Array, DecodeCache]:
+              max_len: Optional[int] = None, masks_fn: Optional[Callable] = None
+              ) -> tuple[jax.Array, DecodeCache]:
     """Runs the prompt ``x[b, L, d]`` (left-padded: its last slot is real) into a new cache.
 
     Returns the logits ``[b, vocab]`` of the last slot and a :class:`DecodeCache` of
     ``max_len`` slots (default L; a Python int) with the prompt in slots ``[0, L)``.
+    ``masks_fn(key_mask, query_slots, key_slots) -> (global, local)`` replaces this model's
+    causal / prefix masks (PaliGemma's window rule).
     """
     cfg = self.config
     b, length = x.shape[:2]
@@ -510,16 +544,25 @@ class Gemma(nn.Module):
     key_mask = jnp.zeros((b, max_len), bool).at[:, :length].set(mask)
     shape = (cfg.num_layers, b, max_len, cfg.num_kv_heads, cfg.head_dim)
     empty = (jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
-    masks = self._masks(key_mask, jnp.arange(length), jnp.arange(max_len), prefix_len)
-    h, (k, v) = self._blocks(x, positions, masks, empty, 0)
+    if masks_fn is None:
+      masks = self._masks(key_mask, jnp.arange(length), jnp.arange(max_len), prefix_len)
+    else:
+      masks = masks_fn(key_mask, jnp.arange(length), jnp.arange(max_len))
+    h, (k, v) = self.blocks(x, positions, masks, empty, 0)
     next_position = jnp.max(jnp.where(mask, positions, -1), axis=1).astype(jnp.int32) + 1
     cache = DecodeCache(k, v, key_mask, jnp.asarray(length, jnp.int32), next_position)
-    return self._logits(h[:, -1]), cache
+    return self.head(h[:, -1]), cache
 
   def decode_step(self, token: jax.Array, cache: DecodeCache,
                   position: Optional[jax.Array] = None) -> tuple[jax.Array, DecodeCache]:
     """``token[b]`` at slot ``cache.index`` (RoPE ``position[b]``, default the cache's) ->
     (logits ``[b, vocab]`` fp32, the cache with the token's keys written)."""
+    return self.decode_step_embedded(self.embed(token[:, None]), cache, position)
+
+  def decode_step_embedded(self, x: jax.Array, cache: DecodeCache,
+                           position: Optional[jax.Array] = None
+                           ) -> tuple[jax.Array, DecodeCache]:
+    """:meth:`decode_step` on an embedded token ``x[b, 1, d]`` (e.g. after an input adapter)."""
     max_len = cache.key_mask.shape[1]
     if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) >= max_len:
       raise ValueError(f'Gemma.decode_step: the cache is full ({max_len} slots); prefill with '
@@ -528,9 +571,9 @@ class Gemma(nn.Module):
     index = cache.index
     key_mask = cache.key_mask.at[:, index].set(True)
     masks = self._masks(key_mask, index[None], jnp.arange(max_len))
-    h, (k, v) = self._blocks(self.embed(token[:, None]), pos[:, None], masks,
+    h, (k, v) = self.blocks(x, pos[:, None], masks,
                              (cache.k, cache.v), index)
-    return self._logits(h[:, 0]), DecodeCache(k, v, key_mask, index + 1, pos + 1)
+    return self.head(h[:, 0]), DecodeCache(k, v, key_mask, index + 1, pos + 1)
 
 
 def _check_shape(name: str, value: jax.Array, want: tuple[int, ...]) -> None:

@@ -11,7 +11,7 @@ does not cut the prefix block (``blockwise_overlay`` OR-ed onto the sliding caus
 big_vision's / the gemma library's does (band AND prefix mask): ``window_cuts_prefix``.
 The two differ only when image + prefix is longer than the window (4096 image tokens at 896px).
 
-The seam: :meth:`PaliGemma.embed` returns a :class:`~adalink_jax.models.t5.EncoderInputs`
+The seam: :meth:`PaliGemma.embed` returns a :class:`~adalink_jax.models.seam.EncoderInputs`
 (embeddings, mask, modality ``IMAGE``/``TEXT`` per slot, task id) -- what AdaLink and prompt
 tuning act on -- and :meth:`PaliGemma.decode_from_embeddings` runs the decoder on it.
 
@@ -31,7 +31,7 @@ import numpy as np
 from adalink_jax.models import gemma as gemma_lib
 from adalink_jax.models import layers
 from adalink_jax.models import vit as vit_lib
-from adalink_jax.models.t5 import IMAGE, TEXT, EncoderInputs
+from adalink_jax.models.seam import IMAGE, TEXT, EncoderInputs
 
 PALIGEMMA_VOCAB = 257_152  # Gemma's 256000 + 1024 <locXXXX> + 128 <segXXX> (big_vision)
 _SHARED = ('dtype', 'param_dtype', 'scan_layers', 'remat_policy')
@@ -233,8 +233,8 @@ class PaliGemma(nn.Module):
     slots = jnp.arange(x.shape[1])
     masks = self._masks(mask, slots, slots, prefix_len)
     # Gemma's own masks cannot express HF's window-spares-prefix rule; see module docstring.
-    h, _ = self.llm._blocks(x, positions, masks, None, None)  # pylint: disable=protected-access
-    return self.llm._logits(h)  # pylint: disable=protected-access
+    h, _ = self.llm.blocks(x, positions, masks, None, None)
+    return self.llm.head(h)
 
   def __call__(self, images: jax.Array, tokens: jax.Array, prefix_len: jax.Array,
                text_mask: Optional[jax.Array] = None, task_id: Optional[jax.Array] = None,
@@ -251,23 +251,15 @@ class PaliGemma(nn.Module):
 
     As :meth:`Gemma.prefill` but with this model's prefix-LM masks and 1-based positions.
     """
-    cfg = self.config.llm
     x, mask = inputs.embeddings, inputs.mask.astype(bool)
     b, length = x.shape[:2]
     _check_prefix_len(prefix_len, b)
-    max_len = length if max_len is None else int(max_len)
-    if max_len < length:
+    if max_len is not None and int(max_len) < length:
       raise ValueError(f'PaliGemma.prefill: max_len={max_len} is shorter than the prompt '
                        f'({length} slots); pass max_len >= prompt + new tokens')
-    positions = one_based_positions(mask)
-    key_mask = jnp.zeros((b, max_len), bool).at[:, :length].set(mask)
-    shape = (cfg.num_layers, b, max_len, cfg.num_kv_heads, cfg.head_dim)
-    empty = (jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
-    masks = self._masks(key_mask, jnp.arange(length), jnp.arange(max_len), prefix_len)
-    h, (k, v) = self.llm._blocks(x, positions, masks, empty, 0)  # pylint: disable=protected-access
-    next_position = jnp.max(jnp.where(mask, positions, 0), axis=1).astype(jnp.int32) + 1
-    cache = gemma_lib.DecodeCache(k, v, key_mask, jnp.asarray(length, jnp.int32), next_position)
-    return self.llm._logits(h[:, -1]), cache  # pylint: disable=protected-access
+    masks_fn = lambda key_mask, q, k: self._masks(key_mask, q, k, prefix_len)
+    return self.llm.prefill(x, mask, one_based_positions(mask), max_len=max_len,
+                            masks_fn=masks_fn)
 
   def decode_step(self, token: jax.Array, cache: gemma_lib.DecodeCache
                   ) -> tuple[jax.Array, gemma_lib.DecodeCache]:

@@ -1,0 +1,159 @@
+"""The Gemma family (Gemma 1 / 2 / 3 text decoders): decoder-only, loaded from GGUF or HF.
+
+``config.model``: ``name`` (a size of ``gemma.GEMMA_SIZES``), ``gemma`` (overrides), dtypes,
+``prefix_lm`` (default False: causal, as the checkpoints were pre-trained; True: full
+attention over the prompt). ``config.init.gemma``: a ``.gguf`` file (``gemma_format='gguf'``,
+e.g. the real Gemma 3 270M) or an HF ``save_pretrained`` directory (``'hf'``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from adalink_jax import decoding
+from adalink_jax.checkpoints.common import CheckpointMismatchError
+from adalink_jax.families import base
+from adalink_jax.models import gemma as gemma_lib
+from adalink_jax.models import prefix_lm
+from adalink_jax.peft import methods as peft
+
+log = logging.getLogger(__name__)
+# Fields that decide parameter shapes: a checkpoint must agree with the config on these.
+SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads',
+                'head_dim', 'd_ff', 'use_post_norms', 'use_qk_norm')
+
+
+class DecoderOnlyModel(base.BaseModel):
+  """Shared by Gemma and PaliGemma: :class:`~adalink_jax.models.prefix_lm.PrefixLM` on the
+  encoder-decoder batch layout; the prefix is prefilled once, then cached steps."""
+  embedding_path = ('llm', 'embedder', 'input_embedding')
+
+  def _build_llm(self, llm_config: gemma_lib.GemmaConfig, vit=None, **layout) -> None:
+    built = peft.build(self.peft_config, llm_config)
+    llm = built.model_config
+    self.model_config = prefix_lm.PrefixLMConfig(llm=llm, vit=vit, **layout)
+    self.model = prefix_lm.PrefixLM(self.model_config, built.encoder_input_adapter,
+                                    built.decoder_input_adapter)
+    self.trainable = built.trainable
+
+  @property
+  def llm_config(self) -> gemma_lib.GemmaConfig:
+    return self.model_config.llm
+
+  @property
+  def pad_id(self) -> int:
+    return self.llm_config.pad_id
+
+  @property
+  def eos_id(self) -> int:
+    return self.llm_config.eos_id
+
+  @property
+  def vocab_size(self) -> int:
+    return self.llm_config.vocab_size
+
+  def init(self, rng, batch):
+    return self.model.init(rng, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
+                           batch.get('image'), batch['task_id'])['params']
+
+  def forward(self, params, batch, rng):
+    del rng  # Gemma has no dropout
+    if 'encoder_segment_ids' in batch:
+      raise ValueError(f'config.data.pack=True: packed rows are not supported by the '
+                       f'{self.family!r} family (its prefix/suffix layout needs one example per '
+                       'row); set config.data.pack=False')
+    return self.model.apply({'params': params}, batch['encoder_input_tokens'],
+                            batch['decoder_target_tokens'], batch.get('image'),
+                            batch.get('task_id'))
+
+  def decoder(self, params, batch, max_decode_len, repeat=1) -> decoding.Decoder:
+    task_id = base.repeat_rows(batch.get('task_id'), repeat)
+    variables = {'params': params}
+    logits, cache = self.model.apply(
+        variables, base.repeat_rows(batch['encoder_input_tokens'], repeat),
+        base.repeat_rows(batch.get('image'), repeat), task_id, max_decode_len,
+        method=prefix_lm.PrefixLM.prefill)
+    model = self.model
+
+    def step(state, tokens, i):
+      first, cache = state
+
+      def fresh(_):  # step 0: the prefill already gave the first token's logits
+        return first, cache
+
+      def next_token(_):
+        return model.apply(variables, tokens, cache, task_id,
+                           method=prefix_lm.PrefixLM.decode_step)
+
+      out, cache = jax.lax.cond(i == 0, fresh, next_token, None)
+      return out, (first, cache)
+
+    def gather(state, rows):
+      first, cache = state
+      return jnp.take(first, rows, axis=0), prefix_lm.gather_cache(cache, rows)
+
+    return decoding.Decoder((logits, cache), step, gather)
+
+
+def check_llm_shapes(got: gemma_lib.GemmaConfig, want: gemma_lib.GemmaConfig, where: str):
+  """A checkpoint's Gemma config against the run's: one error listing every differing field
+  (pick the ``config.model.name`` / overrides of the checkpoint)."""
+  diff = [(f'config.model field {f}', (getattr(want, f),), (getattr(got, f),))
+          for f in SHAPE_FIELDS if getattr(got, f) != getattr(want, f)]
+  if got.layer_types != want.layer_types:
+    diff.append(('config.model field layer_types', want.layer_types, got.layer_types))
+  if diff:
+    raise CheckpointMismatchError(mismatched=diff, source=where)
+
+
+def load_llm(init: Any, key: str, llm: gemma_lib.GemmaConfig, shardings: Any) -> dict:
+  """``config.init.<key>`` (+ ``<key>_format``: 'gguf' | 'hf') -> Gemma params for ``llm``."""
+  from adalink_jax.checkpoints import packaged  # pylint: disable=g-import-not-at-top
+  path, fmt = packaged.resolve(init[key]), init.get(f'{key}_format', 'gguf')
+  same = {f.name: getattr(llm, f.name) for f in dataclasses.fields(llm)
+          if f.name in ('dtype', 'param_dtype', 'scan_layers', 'remat_policy')}
+  log.info('loading the Gemma decoder from %s (%s)', path, fmt)
+  # pylint: disable=g-import-not-at-top
+  from adalink_jax.checkpoints import hf_gemma
+  if fmt == 'gguf':
+    from adalink_jax.checkpoints import gemma_gguf
+    from adalink_jax.checkpoints import gguf
+    header, load = gguf.config_from_gguf, gemma_gguf.load_gguf_gemma
+  elif fmt == 'hf':
+    config_json = pathlib.Path(path).expanduser() / 'config.json'
+    header = lambda _: json.loads(config_json.read_text())
+    load = hf_gemma.load_hf_gemma
+  else:
+    raise ValueError(f"config.init.{key}_format={fmt!r}; choose 'gguf' or 'hf'")
+  try:  # the shapes first, from the header alone: a wrong file fails before any tensor is read
+    got = hf_gemma.config_from_hf(header(path))
+  except FileNotFoundError:
+    got = None  # the loader names what is missing and where to get it
+  if got is not None:
+    check_llm_shapes(got, llm, f'config.init.{key}={path!r}')
+  got, params = load(path, shardings=shardings, **same)
+  check_llm_shapes(got, llm, f'config.init.{key}={path!r}')
+  return params
+
+
+class GemmaModel(DecoderOnlyModel):
+  family = 'gemma'
+  init_towers = ('gemma',)
+
+  def build(self, m):
+    over = dict(base.overrides(m.get('gemma')), dtype=self.activation_dtype)
+    self._build_llm(gemma_lib.gemma_config(m.name, **over), None,
+                    prefix_lm=bool(m.get('prefix_lm', False)), one_based_positions=False,
+                    separator_id=m.get('separator_id', None))
+
+  def load(self, init, params, shardings):
+    if not init.get('gemma'):
+      return params
+    loaded = load_llm(init, 'gemma', self.llm_config.replace(hooks=()), shardings['llm'])
+    return dict(params, llm=base.overlay(params['llm'], loaded))

@@ -1,0 +1,15 @@
+"""textvqa (vqa_accuracy) on PaliGemma: AdaLink (or a baseline) on the public PaLI-family checkpoints.
+
+  python -m adalink_jax.train --config=configs/textvqa_paligemma.py:method=adalink,rank=64 --workdir=DIR
+arg keys and checkpoints: adalink_jax/config_lib.py paligemma() (checkpoint=pt|mix: the
+raw vs instruction-tuned comparison).
+"""
+from adalink_jax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.paligemma('textvqa', 'vqa_accuracy', arg)
+
+
+def sweep(add):
+  config_lib.sweep_methods(add)
