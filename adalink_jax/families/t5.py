@@ -9,9 +9,8 @@ from adalink_jax import decoding
 from adalink_jax.families import base
 from adalink_jax.models import t5 as t5_lib
 from adalink_jax.peft import methods as peft
+from adalink_jax.peft import train as peft_train
 
-PACKING_KEYS = ('encoder_segment_ids', 'encoder_positions', 'decoder_segment_ids',
-                'decoder_positions')
 
 
 class EncoderDecoderModel(base.BaseModel):
@@ -59,12 +58,8 @@ class T5Model(EncoderDecoderModel):
                            task_id=batch['task_id'])['params']
 
   def forward(self, params, batch, rng: Optional[jax.Array]):
-    # Packed text batches (seqio pack=True) carry segment ids and positions.
-    packing = {k: batch[k] for k in PACKING_KEYS if k in batch}
-    return self.model.apply({'params': params}, batch['encoder_input_tokens'],
-                            batch['decoder_input_tokens'], task_id=batch.get('task_id'),
-                            deterministic=rng is None,
-                            rngs={} if rng is None else {'dropout': rng}, **packing)
+    # The one T5 forward (packed batches included), shared with peft.train's raw-model path.
+    return peft_train.t5_forward(self.model)(params, batch, rng)
 
   def encode(self, params, batch):
     return self.model.apply({'params': params}, batch['encoder_input_tokens'],
