@@ -60,7 +60,7 @@ def test_interleaved_with_load_and_matched_settings(res):
   order = [(x['method'], x['side']) for x in r['rows']]
   assert order == [('ft', 'ours'), ('ft', 'peer'), ('adalink', 'ours'), ('lora', 'ours'),
                    ('lora', 'peer'), ('prompt', 'ours'), ('prompt', 'peer'),
-                   ('adapter', 'ours')]
+                   ('adapter', 'ours'), ('ia3', 'ours'), ('ia3', 'peer')]
   for x in r['rows']:
     assert len(x['load_before']) == 3 and len(x['load_after']) == 3
     assert len(x['step_times_s']) == 1 and math.isfinite(x['loss'])
