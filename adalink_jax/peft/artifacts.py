@@ -17,9 +17,9 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from safetensors.flax import load_file, save_file
 
+from adalink_jax.checkpoints import common
 from adalink_jax.checkpoints import fingerprint
 from adalink_jax.peft import methods
 from adalink_jax.peft import registry
@@ -132,7 +132,7 @@ def load_adapter(directory: str, frozen: Mapping, *, template: Optional[Mapping]
             for k in sorted(set(want) | set(got)) if got.get(k) != want.get(k)]
     if diff:
       raise ValueError(f'adapter {directory} does not fit the model:\n  ' + '\n  '.join(diff))
-  return traverse_util.unflatten_dict(dict(flat), sep='/'), card
+  return common.unflatten(dict(flat)), card
 
 
 def _base_diff(card: Mapping, frozen: Mapping) -> list[str]:

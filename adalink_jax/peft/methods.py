@@ -16,10 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from adalink_jax.models import intrusive
 from adalink_jax.peft import adalink as adalink_lib
+from adalink_jax.checkpoints import common  # the package's one flatten / unflatten
 from adalink_jax.peft import registry
 
 METHODS = registry.names()
@@ -155,7 +155,7 @@ def build(peft_cfg: Union[PeftConfig, Mapping[str, Any], None], model_config: An
 
 
 def _flat(params: Mapping) -> dict[str, Any]:
-  return traverse_util.flatten_dict(nn.unbox(dict(params)) if params else {}, sep='/')
+  return common.flatten(nn.unbox(dict(params)) if params else {})
 
 
 def split(params: Mapping, predicate: Predicate) -> tuple[dict, dict]:
@@ -163,8 +163,7 @@ def split(params: Mapping, predicate: Predicate) -> tuple[dict, dict]:
   flat = _flat(params)
   train = {k: v for k, v in flat.items() if predicate(k)}
   frozen = {k: v for k, v in flat.items() if not predicate(k)}
-  return (traverse_util.unflatten_dict(train, sep='/'),
-          traverse_util.unflatten_dict(frozen, sep='/'))
+  return common.unflatten(train), common.unflatten(frozen)
 
 
 def merge(trainable: Mapping, frozen: Mapping) -> dict:
@@ -173,7 +172,7 @@ def merge(trainable: Mapping, frozen: Mapping) -> dict:
   both = sorted(set(a) & set(b))
   if both:
     raise ValueError(f'merge: paths in both trainable and frozen: {both[:5]}')
-  return traverse_util.unflatten_dict({**b, **a}, sep='/')
+  return common.unflatten({**b, **a})
 
 
 def cast(tree: Mapping, dtype: Any) -> dict:
