@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from adalink_jax import families
-from adalink_jax.families.base import DTYPES, BaseModel, dtype  # noqa: F401  (re-exported)
+from adalink_jax.families.base import BaseModel
 
 Setup = BaseModel  # the name the trainer and benchmarks use for "a model ready to train"
 
