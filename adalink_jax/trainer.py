@@ -416,6 +416,7 @@ def _train(config: Any, workdir: str, preempt: preemption.Preemption) -> tuple[d
   step = start
   last_good = start if start else None
   metrics, warned_zero_grad = None, False
+  rates = []  # steps/s of each logging interval: the first holds the compile
   with trainer.mesh:
     while step < total:
       batch = trainer.to_global(next(batches))
@@ -442,6 +443,7 @@ def _train(config: Any, workdir: str, preempt: preemption.Preemption) -> tuple[d
       if is_log:
         scalars = {k: float(v) for k, v in metrics.items()}
         scalars['steps_per_second'] = writer.steps_per_second(step)
+        rates.append(scalars['steps_per_second'])
         writer.write(step, scalars)
         writer.progress(step, loss=scalars['loss'], lr=scalars['learning_rate'],
                         steps_per_s=scalars['steps_per_second'])
@@ -473,6 +475,8 @@ def _train(config: Any, workdir: str, preempt: preemption.Preemption) -> tuple[d
   ckpt.wait()
   ckpt.close()
   writer.close()
+  if len(rates) > 1:  # the median interval after the compile, data pipeline included
+    result['step_time_s'] = float(np.median([1 / r for r in rates[1:]]))
   result.update(step=step, finished=step >= total and 'preempted_at' not in result,
                 final_loss=float(metrics['loss']) if metrics is not None else
                 previous.get('final_loss'))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 from typing import Any
 
@@ -119,11 +120,14 @@ def load_llm(init: Any, key: str, llm: gemma_lib.GemmaConfig, shardings: Any) ->
   same = {f.name: getattr(llm, f.name) for f in dataclasses.fields(llm)
           if f.name in ('dtype', 'param_dtype', 'scan_layers', 'remat_policy')}
   log.info('loading the Gemma decoder from %s (%s)', path, fmt)
+  where = f'config.init.{key}={path!r}'
   # pylint: disable=g-import-not-at-top
   from adalink_jax.checkpoints import hf_gemma
   if fmt == 'gguf':
     from adalink_jax.checkpoints import gemma_gguf
     from adalink_jax.checkpoints import gguf
+    if os.path.isfile(path):
+      path = gguf.GGUFFile(path)  # the header (~8 s for 262k tokens) is parsed once, not twice
     header, load = gguf.config_from_gguf, gemma_gguf.load_gguf_gemma
   elif fmt == 'hf':
     config_json = pathlib.Path(path).expanduser() / 'config.json'
@@ -136,9 +140,9 @@ def load_llm(init: Any, key: str, llm: gemma_lib.GemmaConfig, shardings: Any) ->
   except FileNotFoundError:
     got = None  # the loader names what is missing and where to get it
   if got is not None:
-    check_llm_shapes(got, llm, f'config.init.{key}={path!r}')
+    check_llm_shapes(got, llm, where)
   got, params = load(path, shardings=shardings, **same)
-  check_llm_shapes(got, llm, f'config.init.{key}={path!r}')
+  check_llm_shapes(got, llm, where)
   return params
 
 
