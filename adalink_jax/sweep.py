@@ -3,6 +3,8 @@
   python -m adalink_jax.sweep --config=configs/demo.py --out=sweeps/demo --mode=print
   python -m adalink_jax.sweep --config=configs/demo.py --out=sweeps/demo --mode=run
   python -m adalink_jax.sweep --config=configs/glue_t5xxl.py --out=S --mode=eval --eval_tasks=a,b
+  python -m adalink_jax.sweep --config=configs/mr_gemma3_270m.py \
+      --config=configs/trec_gemma3_270m.py --out=S --mode=run --select=rank_accuracy
 
 ``print`` writes one train command per point for a batch system; ``run`` runs them one after
 another (a point that finished is skipped -- a preempted one is resumed -- so an interrupted
@@ -16,6 +18,12 @@ by ``collect``, which writes, from every finished point:
 * ``results.csv`` -- the same rows with every metric in its own column;
 * ``results.png`` -- the average (or the one task's metric) against trainable parameters, a
   line per method.
+
+Several ``--config`` (say one per task) run into ``out/<config>/`` and collect into one table:
+a point's row has every config's task columns, and a step-time column per config (the median
+train step of the run, compile excluded). ``--select=<metric>`` folds the learning-rate grid:
+each method keeps, per task, the rate best on that metric on the evaluation split (given in the
+cell), and the average is of that metric; ``results_all.md`` keeps every point.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import os
 import shlex
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 from adalink_jax import cli
 from adalink_jax.peft import registry
@@ -100,14 +108,29 @@ def _done(cmd: list[str]) -> bool:
   return _sweep_eval(os.path.dirname(workdir)) is not None
 
 
-def method_label(over: dict[str, str]) -> str:
-  """``adalink r=16``, ``prompt 20``, ``ft`` ... from a point's overrides."""
+# How an override reads in a row label (the method and its size are the label's start).
+_SHORT = {'optimizer.learning_rate': 'lr'}
+
+
+def method_label(over: dict[str, str], leave_out: Sequence[str] = ()) -> str:
+  """``adalink r=16``, ``prompt 20``, ``ft``, ``adalink r=16 (random backbone)``, ``zero-shot``
+  ... from a point's overrides (``leave_out``: keys a table folds, e.g. the learning rate)."""
+  if str(over.get('total_steps', '')) == '0':
+    return 'zero-shot'
   m = over.get('peft.method', '')
   field = registry.get(m).size_field if m in registry.names() else None
   size = f'peft.{field}' if field else None
+  label = m or 'default'
   if size and size in over:
-    return f'{m} {"r=" if "rank" in size else ""}{over[size]}'
-  return m or 'default'
+    label = f'{m} {"r=" if "rank" in size else ""}{over[size]}'
+  extras = []
+  for k, v in over.items():
+    if k in ('peft.method', size, 'eval.at_start') or k in leave_out:
+      continue
+    # An emptied init.<tower> is the random-initialisation control.
+    extras.append('random backbone' if k.startswith('init.') and v == '' else
+                  f'{_SHORT.get(k, k)}={v}')
+  return label + (f' ({", ".join(extras)})' if extras else '')
 
 
 def _tasks_of(metrics: dict) -> dict[str, dict[str, float]]:
@@ -120,107 +143,224 @@ def _tasks_of(metrics: dict) -> dict[str, dict[str, float]]:
   return out
 
 
-def collect(out: str) -> list[dict[str, Any]]:
+def _point_dirs(out: str) -> list[tuple[str, str]]:
+  """``(group, point dir)`` of every point under ``out``: ``out/<point>`` (one config, group
+  '') or ``out/<config>/<point>`` (several configs, one folder each)."""
+  found = []
+  for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+    d = os.path.join(out, name)
+    if os.path.exists(os.path.join(d, 'result.json')):
+      found.append(('', d))
+    elif os.path.isdir(d):
+      found += [(name, os.path.join(d, p)) for p in sorted(os.listdir(d))
+                if os.path.exists(os.path.join(d, p, 'result.json'))]
+  return found
+
+
+def _row(group: str, workdir: str, r: dict) -> dict[str, Any]:
+  name = os.path.basename(workdir)
+  over = dict(kv.split('=', 1) for kv in name.split(',') if '=' in kv)
+  evaluated = _sweep_eval(workdir)
+  # A point that trains no step (the zero-shot row) is scored by its evaluation at start.
+  scored = evaluated or r.get('eval') or (r.get('eval_at_start') if not r.get('step') else None)
+  metrics = {k: v for k, v in (scored or {}).items()
+             if k not in ('step', 'num_examples', 'num_examples_per_task')}
+  row = {'point': name, 'method': over.get('peft.method', ''), 'label': method_label(over),
+         'rank': over.get('peft.rank', ''), 'lr': over.get('optimizer.learning_rate', ''),
+         'trainable_params': r.get('trainable_params') if r.get('step') else 0,
+         'final_loss': r.get('final_loss'), 'step': r.get('step')}
+  if r.get('step_time_s') is not None:
+    row[f'step_time_s{"_" + group if group else ""}'] = r['step_time_s']
+  row.update({f'eval_{k}': v for k, v in metrics.items()})
+  return row
+
+
+def collect(out: str, select: str = '', shown: Sequence[str] = ()) -> list[dict[str, Any]]:
   """Reads every finished point -> rows; writes results.md, results.csv and results.png.
 
-  Points that have not finished (running, preempted, failed) are left out and named."""
-  rows, unfinished = [], []
-  for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-    if not os.path.exists(os.path.join(out, name, 'result.json')):
-      continue
-    r = _finished_result(os.path.join(out, name))
+  Points of several configs (``out/<config>/<point>``) with the same overrides are one row, with
+  each config's task columns. select: a metric (e.g. ``rank_accuracy``): results.md then folds
+  the learning-rate grid, giving each task the value of the learning rate best on that metric
+  (the rate in the cell), and averages that metric over the tasks; results_all.md keeps every
+  point. shown: the metrics the markdown shows (default: all). Points that have not finished
+  (running, preempted, failed) are left out and named."""
+  rows: dict[str, dict[str, Any]] = {}
+  unfinished = []
+  for group, workdir in _point_dirs(out):
+    r = _finished_result(workdir)
     if r is None:
-      unfinished.append(name)
+      unfinished.append(os.path.relpath(workdir, out))
       continue
-    over = dict(kv.split('=', 1) for kv in name.split(',') if '=' in kv)
-    evaluated = _sweep_eval(os.path.join(out, name))
-    metrics = {k: v for k, v in (evaluated or r.get('eval') or {}).items()
-               if k not in ('step', 'num_examples', 'num_examples_per_task')}
-    row = {'point': name, 'method': over.get('peft.method', ''), 'label': method_label(over),
-           'rank': over.get('peft.rank', ''), 'trainable_params': r.get('trainable_params'),
-           'final_loss': r.get('final_loss'), 'step': r.get('step')}
-    row.update({f'eval_{k}': v for k, v in metrics.items()})
-    rows.append(row)
+    row = _row(group, workdir, r)
+    rows.setdefault(row['point'], {}).update(
+        {k: v for k, v in row.items() if v is not None or k not in rows.get(row['point'], {})})
   if unfinished:
     print(f'not finished, left out of the table: {", ".join(unfinished)}', file=sys.stderr)
-  if not rows:
-    return rows
-  keys = list(dict.fromkeys(k for r in rows for k in r))
+  rows_list = list(rows.values())
+  if not rows_list:
+    return rows_list
+  keys = list(dict.fromkeys(k for r in rows_list for k in r))
   with open(os.path.join(out, 'results.csv'), 'w', newline='', encoding='utf-8') as f:
     w = csv.DictWriter(f, fieldnames=keys)
     w.writeheader()
-    w.writerows(rows)
+    w.writerows(rows_list)
+  table = paper_table(rows_list, shown=shown)
+  if select:
+    with open(os.path.join(out, 'results_all.md'), 'w', encoding='utf-8') as f:
+      f.write(table + '\n')
+    folded = fold_grid(rows_list, select)
+    table = paper_table(folded, shown=shown, average_of=select)
+  else:
+    folded = rows_list
   with open(os.path.join(out, 'results.md'), 'w', encoding='utf-8') as f:
-    f.write(paper_table(rows) + '\n')
-  _plot(rows, os.path.join(out, 'results.png'))
-  return rows
+    f.write(table + '\n')
+  _plot(folded, os.path.join(out, 'results.png'),
+        metric='eval_average' if not select else 'avg_selected')
+  return rows_list
+
+
+def fold_grid(rows: list[dict[str, Any]], select: str,
+              grid_key: str = 'optimizer.learning_rate') -> list[dict[str, Any]]:
+  """One row per label without ``grid_key``: each task's metrics from the point best on
+  ``task/select`` (ties: the first), that point's ``grid_key`` value in ``chosen_<task>``."""
+  groups: dict[str, list[dict[str, Any]]] = {}
+  for r in rows:
+    over = dict(kv.split('=', 1) for kv in r['point'].split(',') if '=' in kv)
+    groups.setdefault(method_label(over, leave_out=(grid_key,)), []).append(r)
+  out = []
+  for label, members in groups.items():
+    row = {k: v for k, v in members[0].items() if not k.startswith('eval_')}
+    row['label'] = label
+    tasks = sorted({t for m in members for t in _tasks_of(_evals(m))})
+    picked = []
+    for task in tasks:
+      have = [m for m in members if f'eval_{task}/{select}' in m]
+      if not have:
+        continue
+      best = max(have, key=lambda m: m[f'eval_{task}/{select}'])
+      row.update({k: v for k, v in best.items() if k.startswith(f'eval_{task}/')})
+      if len(members) > 1:
+        row[f'chosen_{task}'] = best.get('lr', '')
+      picked.append(best[f'eval_{task}/{select}'])
+    if picked:
+      row['avg_selected'] = sum(picked) / len(picked)
+    out.append(row)
+  return out
+
+
+def _evals(row: dict[str, Any]) -> dict[str, Any]:
+  return {k[len('eval_'):]: v for k, v in row.items() if k.startswith('eval_')}
 
 
 def _cell(values: dict[str, float]) -> str:
   return '/'.join(f'{v:.1f}' for v in values.values())
 
 
-def paper_table(rows: list[dict[str, Any]]) -> str:
-  """Markdown: method | trainable params | one column per task | average."""
-  per_row = [_tasks_of({k[len('eval_'):]: v for k, v in r.items() if k.startswith('eval_')})
-             for r in rows]
-  tasks = sorted({t for p in per_row for t in p})
-  metric_names = {t: '/'.join(next(p[t] for p in per_row if t in p)) for t in tasks}
+def paper_table(rows: list[dict[str, Any]], shown: Sequence[str] = (),
+                average_of: str = '') -> str:
+  """Markdown: method | trainable params | one column per task | average | step time.
+
+  shown: the metrics to show (default all); average_of: the column averaged over tasks is that
+  metric (``avg_selected`` of :func:`fold_grid`), else the runs' own ``average``."""
+  per_row = [{t: {m: v for m, v in ms.items() if not shown or m in shown}
+              for t, ms in _tasks_of(_evals(r)).items()} for r in rows]
+  tasks = sorted({t for p in per_row for t in p if p[t]})
+  metric_names = {t: '/'.join(next(p[t] for p in per_row if p.get(t))) for t in tasks}
   head = ['method', 'trainable params'] + [f'{t} ({metric_names[t]})' for t in tasks]
-  with_avg = any('eval_average' in r for r in rows)
-  head += ['average'] if with_avg else []
+  avg_key = 'avg_selected' if average_of else 'eval_average'
+  with_avg = any(avg_key in r for r in rows)
+  head += [f'average ({average_of})' if average_of else 'average'] if with_avg else []
+  step_keys = sorted({k for r in rows for k in r if k.startswith('step_time_s')})
+  if step_keys:
+    groups = [k[len('step_time_s_'):] for k in step_keys if k != 'step_time_s']
+    head.append(f'step (s{", " + "/".join(groups) if groups else ""})')
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r, p in zip(rows, per_row):
-    cells = [r['label'], f'{r["trainable_params"]:,}' if r.get('trainable_params') else '']
-    cells += [_cell(p[t]) if t in p else '' for t in tasks]
+    params = r.get('trainable_params')
+    cells = [r['label'], f'{params:,}' if isinstance(params, int) else '']
+    for t in tasks:
+      chosen = f' @{r[f"chosen_{t}"]}' if r.get(f'chosen_{t}') else ''
+      cells.append(_cell(p[t]) + chosen if p.get(t) else '')
     if with_avg:
-      cells.append(f'{r["eval_average"]:.1f}' if 'eval_average' in r else '')
+      cells.append(f'{r[avg_key]:.1f}' if avg_key in r else '')
+    if step_keys:
+      cells.append('/'.join(f'{r[k]:.2f}' if r.get(k) is not None else '-' for k in step_keys))
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
-def _plot(rows: list[dict[str, Any]], path: str):
+def _plot(rows: list[dict[str, Any]], path: str, metric: str = 'eval_average'):
+  """``metric`` (else the first bare metric, else the loss) against trainable parameters: a line
+  per label family (method), a horizontal line for rows that train nothing (zero-shot)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  metric = 'eval_average' if any('eval_average' in r for r in rows) else next(
-      (k for k in rows[0] if k.startswith('eval_') and '/' not in k), 'final_loss')
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for method in sorted({r['method'] for r in rows}):
-    pts = sorted((r['trainable_params'], r.get(metric)) for r in rows
-                 if r['method'] == method and r.get(metric) is not None and r['trainable_params'])
-    if pts:
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-', label=method or 'default')
+  if not any(metric in r for r in rows):
+    metric = next((k for k in rows[0] if k.startswith('eval_') and '/' not in k), 'final_loss')
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  series: dict[str, list[tuple[int, float]]] = {}
+  for r in rows:
+    if r.get(metric) is None:
+      continue
+    if not r.get('trainable_params'):
+      ax.axhline(r[metric], color='gray', ls='--', lw=1, label=r['label'])
+      continue
+    extra = r['label'].split(' (', 1)[1].rstrip(')') if ' (' in r['label'] else ''
+    name = (r['method'] or 'default') + (f' ({extra})' if extra else '')
+    series.setdefault(name, []).append((r['trainable_params'], r[metric]))
+  for name, pts in sorted(series.items()):
+    pts.sort()
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], 'o-', label=name)
   ax.set_xscale('log')
   ax.set_xlabel('trainable parameters')
-  ax.set_ylabel(metric[len('eval_'):] if metric.startswith('eval_') else metric)
-  ax.legend()
+  ax.set_ylabel({'avg_selected': 'average over tasks'}.get(metric, metric.replace('eval_', '')))
+  ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
+def config_outputs(configs: Sequence[str], out: str) -> list[tuple[str, str]]:
+  """``(config, its output folder)``: ``out`` for one config, ``out/<config's name>`` for several
+  (their points then share the table's rows: one column group per config)."""
+  if len(configs) == 1:
+    return [(configs[0], out)]
+  names = [os.path.splitext(os.path.basename(c.split(':')[0]))[0] for c in configs]
+  if len(set(names)) != len(names):
+    raise SystemExit(f'--config: two configs share a file name ({names}); their points would '
+                     'share a folder')
+  return [(c, os.path.join(out, n)) for c, n in zip(configs, names)]
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--config', required=True)
+  p.add_argument('--config', required=True, action='append',
+                 help='a config file with sweep(add) (``file.py:arg`` too); repeat it to run '
+                 'several configs into one table (e.g. one per task)')
   p.add_argument('--out', required=True)
   p.add_argument('--mode', choices=('print', 'run', 'eval', 'collect'), default='print')
   p.add_argument('--eval_tasks', default='', help='with --mode=eval: comma-separated seqio '
                  'tasks or mixtures (default: each config\'s eval tasks)')
+  p.add_argument('--select', default='', help='a metric (e.g. rank_accuracy): results.md keeps, '
+                 'per method and task, the learning rate of the grid best on it')
+  p.add_argument('--metrics', default='', help='comma-separated metrics results.md shows '
+                 '(default: all)')
   args, extra = p.parse_known_args(argv)
   tasks = [t for t in args.eval_tasks.split(',') if t]
   if args.mode != 'collect':
-    for cmd in commands(args.config, args.out, extra, args.mode, tasks):
-      print(shlex.join(cmd), flush=True)
-      if args.mode in ('run', 'eval'):
-        if _done(cmd):
-          continue  # finished earlier
-        rc = subprocess.call(cmd)
-        if rc:
-          print(f'point failed (exit {rc}): {shlex.join(cmd)}', file=sys.stderr)
-          return rc
-  rows = collect(args.out)
+    for config, out in config_outputs(args.config, args.out):
+      for cmd in commands(config, out, extra, args.mode, tasks):
+        print(shlex.join(cmd), flush=True)
+        if args.mode in ('run', 'eval'):
+          if _done(cmd):
+            continue  # finished earlier
+          rc = subprocess.call(cmd)
+          if rc:
+            print(f'point failed (exit {rc}): {shlex.join(cmd)}', file=sys.stderr)
+            return rc
+  rows = collect(args.out, select=args.select,
+                 shown=tuple(m for m in args.metrics.split(',') if m))
   if rows:
     print(f'collected {len(rows)} points into {args.out}/results.{{md,csv,png}}')
   return 0

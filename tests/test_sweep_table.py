@@ -1,0 +1,70 @@
+"""sweep's table from several configs: one row per point across configs, the learning-rate grid
+folded by a metric, the zero-shot and random-backbone rows, the step-time column."""
+import csv
+import json
+
+from adalink_jax import sweep
+
+
+def _point(root, group, name, *, step=60, params=20480, evals=None, at_start=None, step_s=1.5):
+  d = root / group / name
+  d.mkdir(parents=True)
+  r = {'step': step, 'finished': True, 'trainable_params': params, 'final_loss': 0.5,
+       'step_time_s': step_s}
+  if evals is not None:
+    r['eval'] = evals
+  if at_start is not None:
+    r['eval_at_start'] = at_start
+  (d / 'result.json').write_text(json.dumps(r))
+
+
+def test_two_configs_fold_the_grid_by_the_selected_metric(tmp_path, capsys):
+  lo, hi = 'optimizer.learning_rate=0.0003', 'optimizer.learning_rate=0.003'
+  ada, rnd = 'peft.method=adalink,peft.rank=16', 'peft.method=adalink,peft.rank=16,init.gemma='
+  # MR prefers the high rate, TREC the low one: each task keeps its own best.
+  _point(tmp_path, 'mr', f'{ada},{lo}', evals={'mr/rank_accuracy': 70.0, 'mr/accuracy': 69.0})
+  _point(tmp_path, 'mr', f'{ada},{hi}', evals={'mr/rank_accuracy': 80.0, 'mr/accuracy': 79.0},
+         step_s=1.25)
+  _point(tmp_path, 'trec', f'{ada},{lo}', step_s=1.0,
+         evals={'trec/rank_accuracy': 90.0, 'trec/rank_macro_f1': 85.0})
+  _point(tmp_path, 'trec', f'{ada},{hi}', step_s=0.5,
+         evals={'trec/rank_accuracy': 60.0, 'trec/rank_macro_f1': 50.0})
+  _point(tmp_path, 'mr', f'{rnd},{hi}', evals={'mr/rank_accuracy': 50.0})
+  zero = 'total_steps=0,eval.at_start=True,peft.method=adalink'
+  _point(tmp_path, 'mr', zero, step=0, at_start={'mr/rank_accuracy': 58.0}, step_s=None)
+  _point(tmp_path, 'trec', zero, step=0, at_start={'trec/rank_accuracy': 30.0,
+                                                   'trec/rank_macro_f1': 20.0}, step_s=None)
+  (tmp_path / 'trec' / 'peft.method=lora').mkdir()  # a point still running: named, left out
+  (tmp_path / 'trec' / 'peft.method=lora' / 'result.json').write_text(
+      json.dumps({'step': 3, 'finished': False}))
+
+  rows = sweep.collect(str(tmp_path), select='rank_accuracy',
+                       shown=('rank_accuracy', 'rank_macro_f1'))
+  assert 'not finished, left out of the table: trec/peft.method=lora' in capsys.readouterr().err
+  by_point = {r['point']: r for r in rows}
+  assert len(rows) == 4  # adalink x 2 rates, random backbone, zero-shot: configs merged
+  merged = by_point[f'{ada},{hi}']
+  assert merged['eval_mr/rank_accuracy'] == 80.0 and merged['eval_trec/rank_accuracy'] == 60.0
+  assert merged['step_time_s_mr'] == 1.25 and merged['step_time_s_trec'] == 0.5
+  assert by_point[zero]['trainable_params'] == 0 and by_point[zero]['label'] == 'zero-shot'
+  assert by_point[f'{rnd},{hi}']['label'] == 'adalink r=16 (random backbone, lr=0.003)'
+
+  md = (tmp_path / 'results.md').read_text().splitlines()
+  assert md[0] == ('| method | trainable params | mr (rank_accuracy) | '
+                   'trec (rank_accuracy/rank_macro_f1) | average (rank_accuracy) | '
+                   'step (s, mr/trec) |')
+  # Folded: MR at 3e-3 (80.0), TREC at 3e-4 (90.0/85.0), the average of the selected metric.
+  assert '| adalink r=16 | 20,480 | 80.0 @0.003 | 90.0/85.0 @0.0003 | 85.0 | 1.50/1.00 |' in md
+  assert '| adalink r=16 (random backbone) | 20,480 | 50.0 |  | 50.0 | 1.50/- |' in md
+  assert '| zero-shot | 0 | 58.0 | 30.0/20.0 | 44.0 | -/- |' in md
+  every = (tmp_path / 'results_all.md').read_text()
+  assert '| adalink r=16 (lr=0.0003) | 20,480 | 70.0 | 90.0/85.0 |' in every
+  csv_rows = list(csv.DictReader(open(tmp_path / 'results.csv')))
+  assert {r['point'] for r in csv_rows} == set(by_point)
+  assert (tmp_path / 'results.png').stat().st_size > 1000
+
+
+def test_several_configs_get_a_folder_each():
+  assert sweep.config_outputs(['configs/a.py:steps=3'], '/o') == [('configs/a.py:steps=3', '/o')]
+  assert sweep.config_outputs(['configs/mr.py:steps=3', 'x/trec.py'], '/o') == [
+      ('configs/mr.py:steps=3', '/o/mr'), ('x/trec.py', '/o/trec')]
