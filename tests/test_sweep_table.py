@@ -68,3 +68,22 @@ def test_several_configs_get_a_folder_each():
   assert sweep.config_outputs(['configs/a.py:steps=3'], '/o') == [('configs/a.py:steps=3', '/o')]
   assert sweep.config_outputs(['configs/mr.py:steps=3', 'x/trec.py'], '/o') == [
       ('configs/mr.py:steps=3', '/o/mr'), ('x/trec.py', '/o/trec')]
+
+
+def test_readme_real_weights_command_lists_both_tasks_every_point(tmp_path):
+  """The README's real-weights command (print mode: the run needs the gemma3 and realdata
+  extras and hours): both configs, each point once, each into its config's folder."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = __import__('pathlib').Path(__file__).resolve().parents[1]
+  cmd = [sys.executable, '-m', 'adalink_jax.sweep', '--config=configs/mr_gemma3_270m.py',
+         '--config=configs/trec_gemma3_270m.py', f'--out={tmp_path}', '--mode=print',
+         '--select=rank_accuracy', '--metrics=rank_accuracy,rank_macro_f1']
+  lines = subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True,
+                         timeout=120).stdout.splitlines()
+  per_task = len(sweep.points(str(root / 'configs' / 'mr_gemma3_270m.py')))
+  assert per_task == 2 * 9 + 1  # 9 methods/controls x 2 learning rates + zero-shot
+  assert len(lines) == 2 * per_task
+  for task in ('mr', 'trec'):
+    mine = [l for l in lines if f'--workdir={tmp_path}/{task}_gemma3_270m/' in l]
+    assert len(mine) == per_task and all(f'configs/{task}_gemma3_270m.py' in l for l in mine)
