@@ -2,12 +2,13 @@
 
   python -m bench.peer --out=bench/results/<name> [--size=tiny|full] [--models=t5_small]
                        [--methods=ft,adalink,lora,prompt,adapter] [--steps=5] [--warmup=2]
-                       [--rounds=2] [--threads=2]
+                       [--rounds=2] [--threads=2] [--peak_n=2048]
 
 Every measurement is one child process (:func:`bench.common.run_child`, this module with
 ``--spec``). Per model and method the children alternate ``ours, peer, ours, peer`` (``--rounds``
 pairs), so a change of machine load hits both sides; the 1-minute load average is recorded
-before and after each child. Each side's figure is the median over rounds of the per-child
+before and after each child. The fp32 matmul peak is measured first (:mod:`bench.peak`), and
+our steps' MFU is given against it. Each side's figure is the median over rounds of the per-child
 median step time (``--steps`` timed steps after ``--warmup`` untimed ones).
 
 Ours: :func:`adalink_jax.peft.make_train_step` with AdamW, jitted with donation and compiled
@@ -122,6 +123,7 @@ def _ours(spec: dict) -> dict:
   times = common.timed(one_step, spec['steps'])
   return dict(side='ours', backend=jax.default_backend(), compile_s=compile_s, warmup_s=warm,
               step_times_s=times, step_s=common.median(times), loss=float(state[2]['loss']),
+              flops=common.flops_of(compiled),
               params_total=counts['total'], params_trainable=counts['trainable'])
 
 
@@ -218,8 +220,19 @@ def _measure(side: str, name: str, mspec: dict, method: str, args, rnd: int) -> 
   return r
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-  """One entry per (model, method): median over rounds per side and the ratios ours / peer."""
+def _peak(args) -> dict:
+  """The machine's fp32 matmul rate now (:mod:`bench.peak`, its own child), MFU's denominator."""
+  r = common.run_child('bench.peak', dict(n=args.peak_n, reps=5), timeout_s=args.timeout,
+                       cpu_only=True)
+  _log(f'matmul peak: {r.get("flops_per_s", 0) / 1e9:.0f} GFLOP/s' if 'error' not in r
+       else f'matmul peak: ERROR {r["error"][:300]}')
+  return r
+
+
+def summarize(rows: list[dict], peak: float | None = None) -> list[dict]:
+  """One entry per (model, method): median over rounds per side, the ratios ours / peer, and
+  our step's share of ``peak`` (the matmul FLOP/s measured in the same run): its compiled
+  FLOPs over its median time."""
   out = []
   for key in dict.fromkeys((r['model'], r['method']) for r in rows):
     med, best = {}, {}
@@ -239,7 +252,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     loads = [r['load_before'][0] for r in rows if (r['model'], r['method']) == key
              and r['load_before']] + [r['load_after'][0] for r in rows
                                       if (r['model'], r['method']) == key and r['load_after']]
+    flops = next((r.get('flops') for r in rows if (r['model'], r['method'], r['side']) ==
+                  (*key, 'ours') and r.get('flops')), None)
     out.append(dict(model=key[0], method=key[1], ours_s=med['ours'], peer_s=med['peer'],
+                    ours_gflop=flops / 1e9 if flops else None,
+                    ours_mfu=flops / med['ours'] / peak if flops and med['ours'] and peak
+                    else None,
                     ours_over_peer=ratio(med['ours'], med['peer']),
                     ours_over_peer_lora=ratio(med['ours'], peer_lora),
                     ours_best_s=best['ours'], peer_best_s=best['peer'],
@@ -259,14 +277,20 @@ def markdown(res: dict) -> str:
            f'{res["settings"]["rounds"]} interleaved round(s) of {res["settings"]["steps"]} '
            f'timed steps after {res["settings"]["warmup"]} warm-up; peer torch threads '
            f'{res["settings"]["threads"]}. Ratios < 1: ours is faster.', '',
+           f'Matmul peak measured in the same run (fp32 {res["peak"].get("n")}^3 `jnp.dot`): '
+           f'{f(res["peak"].get("flops_per_s", 0) / 1e9, ".0f")} GFLOP/s; MFU = our step\'s '
+           'compiled FLOPs / its median time / that peak.', '',
            '| model | method | ours s/step | peer s/step | ours / peer | ours / peer LoRA '
-           '| best step ours / peer | trainable ours | trainable peer | load 1 min (min-max) |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '| best step ours / peer | ours GFLOP | ours MFU | trainable ours | trainable peer '
+           '| load 1 min (min-max) |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for s in res['summary']:
     lines.append(f'| {s["model"]} | {s["method"]} | {f(s["ours_s"], ".4g")} | '
                  f'{f(s["peer_s"], ".4g")} | {f(s["ours_over_peer"], ".3g")} | '
                  f'{f(s["ours_over_peer_lora"], ".3g")} | {f(s["ours_best_s"], ".4g")} / '
-                 f'{f(s["peer_best_s"], ".4g")} | {f(s["trainable_ours"], ",")} | '
+                 f'{f(s["peer_best_s"], ".4g")} | {f(s["ours_gflop"], ".1f")} | '
+                 f'{f(s["ours_mfu"] and 100 * s["ours_mfu"], ".0f")}% | '
+                 f'{f(s["trainable_ours"], ",")} | '
                  f'{f(s["trainable_peer"], ",")} | {f(s["load_min"], ".2f")}-'
                  f'{f(s["load_max"], ".2f")} |')
   lines += [''] + [f'Skipped: {k} -- {v}.' for k, v in res['skipped'].items()]
@@ -302,6 +326,7 @@ def _parse(argv):
   p.add_argument('--rounds', type=int, default=2, help='ours/peer pairs per method')
   p.add_argument('--threads', type=int, default=2, help='torch.set_num_threads of the peer')
   p.add_argument('--timeout', type=float, default=1800, help='seconds per child')
+  p.add_argument('--peak_n', type=int, default=2048, help='square size of the peak matmul')
   args = p.parse_args(argv)
   args.models = [m for m in args.models.split(',') if m] or (
       ['t5_small'] if args.size == 'full' else list(MODELS[args.size]))
@@ -325,7 +350,7 @@ def main(argv=None) -> dict:
              command=' '.join(['python', '-m', 'bench.peer'] +
                               (argv if argv is not None else sys.argv[1:])),
              machine=common.machine_info(), versions=_versions(),
-             load_before=common.load_average(), skipped=SKIPPED,
+             load_before=common.load_average(), skipped=SKIPPED, peak=_peak(args),
              settings=dict(steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                            threads=args.threads, ours=OURS, peer=PEER,
                            models={m: MODELS[args.size][m] for m in args.models}),
@@ -337,7 +362,8 @@ def main(argv=None) -> dict:
       for rnd in range(args.rounds):
         for side in ('ours', 'peer') if method in PEER else ('ours',):
           res['rows'].append(_measure(side, name, mspec, method, args, rnd))
-  res.update(load_after=common.load_average(), summary=summarize(res['rows']),
+  res.update(load_after=common.load_average(),
+             summary=summarize(res['rows'], res['peak'].get('flops_per_s')),
              finished=datetime.datetime.now().isoformat(timespec='seconds'))
   with open(os.path.join(args.out, 'peer.json'), 'w') as f:
     json.dump(res, f, indent=1, default=str)

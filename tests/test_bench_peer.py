@@ -23,7 +23,7 @@ def res(tmp_path_factory):
   out = tmp_path_factory.mktemp('peer')
   # One torch thread: on a loaded 2-core machine two OpenMP threads stall ~1 s per tiny step.
   r = peer.main([f'--out={out}', '--size=tiny', '--steps=1', '--warmup=1', '--rounds=1',
-                 '--threads=1'])
+                 '--threads=1', '--peak_n=256'])
   return out, r
 
 
@@ -49,8 +49,12 @@ def test_table_has_a_row_per_method_with_times_and_ratios(res):
   with open(os.path.join(out, 'peer.json')) as f:
     on_disk = json.load(f)
   assert [s['method'] for s in on_disk['summary']] == list(peer.METHODS)
+  assert _pos(on_disk['peak']['flops_per_s']) and 'GFLOP/s; MFU' in md
   for s in on_disk['summary']:
     assert _pos(s['ours_s']) and _pos(s['ours_over_peer_lora'])
+    # MFU: our compiled FLOPs over our median time over the peak of the same run.
+    assert math.isclose(s['ours_mfu'], s['ours_gflop'] * 1e9 / s['ours_s']
+                        / on_disk['peak']['flops_per_s'])
     if s['peer_s'] is not None:
       assert math.isclose(s['ours_over_peer'], s['ours_s'] / s['peer_s'])
 
