@@ -90,24 +90,27 @@ def hf_config(name: str, overrides: dict | None = None) -> dict:
 # ------------------------------------------------------------------ children
 
 
-def _ours(spec: dict) -> dict:
-  """Compiles and times our step; ``spec``: model, peft, steps, warmup."""
+def compiled_step(model: dict, peft_block: dict):
+  """Our T5 train step for ``model`` (a :data:`MODELS` entry) and ``peft_block``, compiled.
+
+  Returns ``(one_step, compiled, compile_s, counts, state)``: ``one_step()`` runs a step and
+  blocks until it is done; ``state[2]`` holds the last step's metrics.
+  """
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   from adalink_jax import model_builder, optim, peft  # pylint: disable=import-outside-toplevel
   from bench import train_step  # pylint: disable=import-outside-toplevel
-  m = spec['model']
   cfg = ml_collections.ConfigDict(dict(
-      model=dict(family='t5', name=m['name'], t5=m.get('t5') or {}, dtype='float32'),
-      peft=spec['peft']))
+      model=dict(family='t5', name=model['name'], t5=model.get('t5') or {}, dtype='float32'),
+      peft=peft_block))
   setup = model_builder.build(cfg)
   shapes = nn.unbox(jax.eval_shape(setup.init, jax.random.key(0), setup.init_batch(1, 4, 4)))
   counts = peft.param_counts(shapes, setup.trainable)
   trainable, frozen = peft.split(common.random_params(shapes), setup.trainable)
   optimizer, _ = optim.make_optimizer(dict(name='adamw', learning_rate=1e-4))
   opt_state = optimizer.init(trainable)
-  batch = train_step._batch(setup, m)  # pylint: disable=protected-access
+  batch = train_step._batch(setup, model)  # pylint: disable=protected-access
   step = jax.jit(peft.make_train_step(setup.model, optimizer, forward=setup.forward),
                  donate_argnums=(0, 1))
   t0 = time.perf_counter()
@@ -118,6 +121,13 @@ def _ours(spec: dict) -> dict:
   def one_step():
     state[0], state[1], state[2] = compiled(state[0], state[1], frozen, batch, None)
     jax.block_until_ready(state)
+  return one_step, compiled, compile_s, counts, state
+
+
+def _ours(spec: dict) -> dict:
+  """Compiles and times our step; ``spec``: model, peft, steps, warmup."""
+  import jax  # pylint: disable=import-outside-toplevel
+  one_step, compiled, compile_s, counts, state = compiled_step(spec['model'], spec['peft'])
 
   warm = common.timed(one_step, spec['warmup'])
   times = common.timed(one_step, spec['steps'])
