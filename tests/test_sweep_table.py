@@ -40,6 +40,9 @@ def test_two_configs_fold_the_grid_by_the_selected_metric(tmp_path, capsys):
 
   rows = sweep.collect(str(tmp_path), select='rank_accuracy',
                        shown=('rank_accuracy', 'rank_macro_f1'))
+  # The metrics in the order asked for, whatever order the runs wrote them in.
+  assert sweep.paper_table(rows, shown=('rank_macro_f1', 'rank_accuracy')).startswith(
+      '| method | trainable params | mr (rank_accuracy) | trec (rank_macro_f1/rank_accuracy) |')
   assert 'not finished, left out of the table: trec/peft.method=lora' in capsys.readouterr().err
   by_point = {r['point']: r for r in rows}
   assert len(rows) == 4  # adalink x 2 rates, random backbone, zero-shot: configs merged
