@@ -350,3 +350,33 @@ def test_real_gemma3_270m_tokenizer_round_trips(real):
     assert real['hf_tok'](text).input_ids == [2] + ids, text
     assert sp.decode(ids) == text == real['hf_tok'].decode(ids)
   assert sp.encode('The chemical symbol for gold is') == [818, 7395, 5404, 573, 5122, 563]
+
+
+def test_family_load_reads_the_header_once_and_equals_the_reader(tiny, monkeypatch):
+  """config.init.gemma=<file.gguf> through the family's load: the same arrays as the reader
+  gives, the header parsed once (it costs ~8 s on the real 262k vocabulary), and a config of
+  another shape refused by the header alone."""
+  # pylint: disable=g-import-not-at-top
+  import dataclasses
+  from adalink_jax.checkpoints import common
+  from adalink_jax.checkpoints import gemma_gguf
+  from adalink_jax.families import gemma as gemma_family
+  cfg, want = gemma_gguf.load_gguf_gemma(tiny['path'])
+  opened = []
+  real_init = G.GGUFFile.__init__
+
+  def counting_init(self, path):
+    opened.append(path)
+    real_init(self, path)
+  monkeypatch.setattr(G.GGUFFile, '__init__', counting_init)
+  init = {'gemma': str(tiny['path']), 'gemma_format': 'gguf'}
+  got = gemma_family.load_llm(init, 'gemma', cfg, None)
+  assert len(opened) == 1
+  flat_want, flat_got = common.flatten(want), common.flatten(got)
+  assert flat_want.keys() == flat_got.keys()
+  for k in flat_want:
+    np.testing.assert_array_equal(np.asarray(flat_got[k]), np.asarray(flat_want[k]), err_msg=k)
+  wider = dataclasses.replace(cfg, d_ff=cfg.d_ff * 2)
+  with pytest.raises(ValueError, match='config.init.gemma=') as e:
+    gemma_family.load_llm(init, 'gemma', wider, None)
+  assert 'd_ff' in str(e.value) and len(opened) == 2  # the header alone refused it
