@@ -5,8 +5,11 @@
   python -m adalink_jax.sweep --config=configs/mr_gemma3_270m.py --out=DIR --mode=run
 
 arg keys: method (adalink|prompt|lora|adapter|ia3|ft), rank, steps, batch, lr, style (raw|mmit),
-backbone (pretrained|random). Scored by greedy decoding and by rank classification over the label
-words (metrics rank_*). Everything runs on a CPU: fp32, batch 16 x 48 tokens.
+backbone (pretrained|random), eval_batches (0: the whole validation split). Scored by greedy
+decoding and by rank classification over the label words (metrics rank_*). Everything runs on a
+CPU: fp32, batch 16 x (44 + 4) tokens. Both tasks in one table (the README's "Real weights"):
+  python -m adalink_jax.sweep --config=configs/mr_gemma3_270m.py \
+      --config=configs/trec_gemma3_270m.py --out=DIR --mode=run --select=rank_accuracy
 """
 from adalink_jax import config_lib
 
