@@ -79,8 +79,10 @@ def test_readme_real_weights_command_lists_both_tasks_every_point(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   root = __import__('pathlib').Path(__file__).resolve().parents[1]
-  cmd = [sys.executable, '-m', 'adalink_jax.sweep', '--config=configs/mr_gemma3_270m.py',
-         '--config=configs/trec_gemma3_270m.py', f'--out={tmp_path}', '--mode=print',
+  cmd = [sys.executable, '-m', 'adalink_jax.sweep',
+         '--config=configs/mr_gemma3_270m.py:steps=40,eval_batches=16',
+         '--config=configs/trec_gemma3_270m.py:steps=40,eval_batches=16', f'--out={tmp_path}',
+         '--mode=print',
          '--select=rank_accuracy', '--metrics=rank_accuracy,rank_macro_f1']
   lines = subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True,
                          timeout=120).stdout.splitlines()
@@ -89,4 +91,5 @@ def test_readme_real_weights_command_lists_both_tasks_every_point(tmp_path):
   assert len(lines) == 2 * per_task
   for task in ('mr', 'trec'):
     mine = [l for l in lines if f'--workdir={tmp_path}/{task}_gemma3_270m/' in l]
-    assert len(mine) == per_task and all(f'configs/{task}_gemma3_270m.py' in l for l in mine)
+    assert len(mine) == per_task and all(
+        f'configs/{task}_gemma3_270m.py:steps=40,eval_batches=16' in l for l in mine)
