@@ -157,9 +157,14 @@ def _point_dirs(out: str) -> list[tuple[str, str]]:
   return found
 
 
+def _overrides(point: str) -> dict[str, str]:
+  """A point's folder name (:func:`point_name`) -> its overrides ``{key: value}``."""
+  return dict(kv.split('=', 1) for kv in point.split(',') if '=' in kv)
+
+
 def _row(group: str, workdir: str, r: dict) -> dict[str, Any]:
   name = os.path.basename(workdir)
-  over = dict(kv.split('=', 1) for kv in name.split(',') if '=' in kv)
+  over = _overrides(name)
   evaluated = _sweep_eval(workdir)
   # A point that trains no step (the zero-shot row) is scored by its evaluation at start.
   scored = evaluated or r.get('eval') or (r.get('eval_at_start') if not r.get('step') else None)
@@ -192,8 +197,10 @@ def collect(out: str, select: str = '', shown: Sequence[str] = ()) -> list[dict[
       unfinished.append(os.path.relpath(workdir, out))
       continue
     row = _row(group, workdir, r)
-    rows.setdefault(row['point'], {}).update(
-        {k: v for k, v in row.items() if v is not None or k not in rows.get(row['point'], {})})
+    merged = rows.setdefault(row['point'], {})  # the same point of another config: one row
+    for k, v in row.items():
+      if v is not None or k not in merged:
+        merged[k] = v
   if unfinished:
     print(f'not finished, left out of the table: {", ".join(unfinished)}', file=sys.stderr)
   rows_list = list(rows.values())
@@ -225,8 +232,7 @@ def fold_grid(rows: list[dict[str, Any]], select: str,
   ``task/select`` (ties: the first), that point's ``grid_key`` value in ``chosen_<task>``."""
   groups: dict[str, list[dict[str, Any]]] = {}
   for r in rows:
-    over = dict(kv.split('=', 1) for kv in r['point'].split(',') if '=' in kv)
-    groups.setdefault(method_label(over, leave_out=(grid_key,)), []).append(r)
+    groups.setdefault(method_label(_overrides(r['point']), leave_out=(grid_key,)), []).append(r)
   out = []
   for label, members in groups.items():
     row = {k: v for k, v in members[0].items() if not k.startswith('eval_')}
@@ -240,7 +246,7 @@ def fold_grid(rows: list[dict[str, Any]], select: str,
       best = max(have, key=lambda m: m[f'eval_{task}/{select}'])
       row.update({k: v for k, v in best.items() if k.startswith(f'eval_{task}/')})
       if len(members) > 1:
-        row[f'chosen_{task}'] = best.get('lr', '')
+        row[f'chosen_{task}'] = _overrides(best['point']).get(grid_key, '')
       picked.append(best[f'eval_{task}/{select}'])
     if picked:
       row['avg_selected'] = sum(picked) / len(picked)

@@ -230,10 +230,10 @@ def _measure(side: str, name: str, mspec: dict, method: str, args, rnd: int) -> 
   return r
 
 
-def _peak(args) -> dict:
-  """The machine's fp32 matmul rate now (:mod:`bench.peak`, its own child), MFU's denominator."""
-  r = common.run_child('bench.peak', dict(n=args.peak_n, reps=5), timeout_s=args.timeout,
-                       cpu_only=True)
+def measure_peak(n: int, timeout_s: float = 600) -> dict:
+  """The machine's fp32 ``n^3`` matmul rate now (:mod:`bench.peak`, its own child): the
+  denominator of the MFU of a run's steps."""
+  r = common.run_child('bench.peak', dict(n=n, reps=5), timeout_s=timeout_s, cpu_only=True)
   _log(f'matmul peak: {r.get("flops_per_s", 0) / 1e9:.0f} GFLOP/s' if 'error' not in r
        else f'matmul peak: ERROR {r["error"][:300]}')
   return r
@@ -360,7 +360,7 @@ def main(argv=None) -> dict:
              command=' '.join(['python', '-m', 'bench.peer'] +
                               (argv if argv is not None else sys.argv[1:])),
              machine=common.machine_info(), versions=_versions(),
-             load_before=common.load_average(), skipped=SKIPPED, peak=_peak(args),
+             load_before=common.load_average(), skipped=SKIPPED, peak=measure_peak(args.peak_n, args.timeout),
              settings=dict(steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                            threads=args.threads, ours=OURS, peer=PEER,
                            models={m: MODELS[args.size][m] for m in args.models}),

@@ -141,8 +141,7 @@ def main(argv=None) -> dict:
   if name not in models:
     p.error(f'--model: choose from {sorted(models)} at --size={args.size}')
   model = dict(models[name], **({'batch': args.batch} if args.batch else {}))
-  peak = common.run_child('bench.peak', dict(n=2048 if args.size == 'full' else 256, reps=5),
-                          timeout_s=600, cpu_only=True)
+  peak = peer.measure_peak(2048 if args.size == 'full' else 256)
   load_before = common.load_average()
   one_step, compiled, _, counts, _ = peer.compiled_step(model, peer.OURS[args.method])
   one_step()  # warm-up
