@@ -1,5 +1,6 @@
 """Pieces every command line shares: flag parsing that names config typos in one line, config
-modules loaded from their path, and the demo's frozen backbone found the same way by each CLI."""
+modules loaded from their path, the demo's frozen backbone found the same way by each CLI, and
+the host-allocator setting applied before JAX starts."""
 from __future__ import annotations
 
 import difflib
@@ -9,6 +10,8 @@ from types import ModuleType
 from typing import Any, Optional, Sequence
 
 from absl import flags
+
+from adalink_jax import env
 
 
 def load_config_module(path: str) -> ModuleType:
@@ -72,3 +75,18 @@ def resolve_demo_backbone(config: Any, config_path: str) -> None:
   pretrain = load_config_module(config_path).pretrain_config(config)
   with config.unlocked():
     config.init.native = demo_assets.ensure(config, pretrain)
+
+
+def define_host_allocator_flag() -> None:
+  """``--host_allocator``, for commands that run steps (see :func:`apply_host_allocator`)."""
+  flags.DEFINE_enum('host_allocator', 'auto', env.HOST_ALLOCATOR_CHOICES,
+                    'reuse: glibc keeps freed memory for the next step (XLA:CPU re-faults '
+                    'every page of its large buffers at every step otherwise); system: '
+                    "malloc's defaults; auto: reuse when computing on the CPU")
+
+
+def apply_host_allocator() -> bool:
+  """Applies ``--host_allocator`` (:func:`adalink_jax.env.reuse_freed_host_memory`); call it
+  first thing in ``main``, before anything starts JAX's backend."""
+  import jax  # pylint: disable=g-import-not-at-top  (importing does not start a backend)
+  return env.reuse_freed_host_memory(flags.FLAGS.host_allocator, jax.config.jax_platforms)

@@ -26,6 +26,7 @@ config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_c
 flags.DEFINE_string('checkpoint', None, 'workdir of the training run to evaluate')
 flags.DEFINE_string('out', None, 'where to write eval/ (default: a new folder '
                     '<checkpoint>/evaluations/step<step>-<time>)')
+cli.define_host_allocator_flag()
 
 
 def _out_dir(checkpoint: str, step: int, out: str | None) -> str:
@@ -41,6 +42,7 @@ def _out_dir(checkpoint: str, step: int, out: str | None) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.apply_host_allocator()  # before anything starts the backend
   from adalink_jax import logs  # pylint: disable=g-import-not-at-top
   from adalink_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   from adalink_jax.checkpoints import backbone  # pylint: disable=g-import-not-at-top

@@ -28,6 +28,7 @@ flags.DEFINE_bool('multihost', False, 'initialise jax.distributed (multi-process
 flags.DEFINE_string('coordinator', '', 'host:port of process 0 (multihost without auto-detect)')
 flags.DEFINE_integer('num_processes', 0, 'number of processes (with --coordinator)')
 flags.DEFINE_integer('process_id', -1, 'this process (with --coordinator)')
+cli.define_host_allocator_flag()
 
 log = logging.getLogger('adalink_jax.train')
 
@@ -53,6 +54,7 @@ def main(argv):
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.apply_host_allocator()  # before jax.distributed or any computation starts the backend
   from adalink_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from adalink_jax import logs  # pylint: disable=g-import-not-at-top
   logs.setup_logging()

@@ -3,7 +3,10 @@
 Every measured configuration runs in its own Python process (:func:`run_child`), so the RSS
 high-water mark (``ru_maxrss``) belongs to that configuration alone and one config's compile
 caches or leaked buffers cannot slow or bloat the next. Children print nothing we parse: they
-write one JSON file (:func:`child_main`).
+write one JSON file (:func:`child_main`). A child gets the host-allocator setting our train and
+evaluate commands use (``spec['host_allocator']``, default ``'auto'``:
+:func:`adalink_jax.env.reuse_freed_host_memory`), so a benchmark times the step those commands
+run; the peer benchmark's PyTorch children pass ``'system'``.
 """
 from __future__ import annotations
 
@@ -89,7 +92,12 @@ def child_main(run: Callable[[dict], dict]) -> None:
   args = parser.parse_args()
   with open(args.spec) as f:
     spec = json.load(f)
+  import jax  # pylint: disable=import-outside-toplevel  (importing does not start a backend)
+  from adalink_jax import env  # pylint: disable=import-outside-toplevel
+  reused = env.reuse_freed_host_memory(spec.get('host_allocator', 'auto'),
+                                       jax.config.jax_platforms)
   result = run(spec)
+  result.setdefault('host_memory_reused', reused)
   with open(args.out, 'w') as f:
     json.dump(result, f, indent=1, default=_json_default)
 

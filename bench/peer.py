@@ -217,7 +217,7 @@ def _measure(side: str, name: str, mspec: dict, method: str, args, rnd: int) -> 
   if side == 'ours':
     spec['peft'] = OURS[method]
   else:
-    spec.update(peer=PEER[method], threads=args.threads,
+    spec.update(peer=PEER[method], threads=args.threads, host_allocator=args.peer_allocator,
                 hf_config=hf_config(mspec['name'], mspec.get('t5')))
   before = common.load_average()
   r = common.run_child('bench.peer', spec, timeout_s=args.timeout, cpu_only=True)
@@ -286,7 +286,8 @@ def markdown(res: dict) -> str:
            f'Load average (1/5/15 min) before {res["load_before"]}, after {res["load_after"]}. '
            f'{res["settings"]["rounds"]} interleaved round(s) of {res["settings"]["steps"]} '
            f'timed steps after {res["settings"]["warmup"]} warm-up; peer torch threads '
-           f'{res["settings"]["threads"]}. Ratios < 1: ours is faster.', '',
+           f'{res["settings"]["threads"]}, peer malloc {res["settings"].get("peer_allocator")} '
+           '(ours: reuse, adalink_jax.env). Ratios < 1: ours is faster.', '',
            f'Matmul peak measured in the same run (fp32 {res["peak"].get("n")}^3 `jnp.dot`): '
            f'{f(res["peak"].get("flops_per_s", 0) / 1e9, ".0f")} GFLOP/s; MFU = our step\'s '
            'compiled FLOPs / its median time / that peak.', '',
@@ -335,6 +336,9 @@ def _parse(argv):
   p.add_argument('--warmup', type=int, default=2, help='untimed steps per child')
   p.add_argument('--rounds', type=int, default=2, help='ours/peer pairs per method')
   p.add_argument('--threads', type=int, default=2, help='torch.set_num_threads of the peer')
+  p.add_argument('--peer_allocator', default='system', choices=('system', 'reuse'),
+                 help="the peer's malloc: glibc's defaults (what a PEFT user runs), or the "
+                      'reuse setting our side runs with (adalink_jax.env)')
   p.add_argument('--timeout', type=float, default=1800, help='seconds per child')
   p.add_argument('--peak_n', type=int, default=2048, help='square size of the peak matmul')
   args = p.parse_args(argv)
@@ -362,7 +366,8 @@ def main(argv=None) -> dict:
              machine=common.machine_info(), versions=_versions(),
              load_before=common.load_average(), skipped=SKIPPED, peak=measure_peak(args.peak_n, args.timeout),
              settings=dict(steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-                           threads=args.threads, ours=OURS, peer=PEER,
+                           threads=args.threads, peer_allocator=args.peer_allocator,
+                           ours=OURS, peer=PEER,
                            models={m: MODELS[args.size][m] for m in args.models}),
              rows=[])
   for name in args.models:
