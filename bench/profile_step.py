@@ -136,6 +136,9 @@ def main(argv=None) -> dict:
   if TRACE_FLAG not in flags:
     os.environ['XLA_FLAGS'] = f'{flags} {TRACE_FLAG}'.strip()
   import jax  # pylint: disable=import-outside-toplevel
+  from adalink_jax import env  # pylint: disable=import-outside-toplevel
+  # The allocator the train command and the peer benchmark's children run with.
+  env.reuse_freed_host_memory('auto', jax.config.jax_platforms)
   models = peer.MODELS[args.size]
   name = args.model or next(iter(models))
   if name not in models:
