@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from adalink_jax import env
 from adalink_jax import model_builder
 from adalink_jax.models import prefix_lm
 from adalink_jax.peft import methods as peft
@@ -89,7 +90,10 @@ def main(argv=None) -> dict:
   p.add_argument('--answer', type=int, default=4)
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--out', default='bench/results')
+  p.add_argument('--host_allocator', default='auto', choices=env.HOST_ALLOCATOR_CHOICES,
+                 help='adalink_jax.env.reuse_freed_host_memory (auto: what the train command does)')
   args = p.parse_args(argv)
+  reused = env.reuse_freed_host_memory(args.host_allocator, jax.config.jax_platforms)
   methods = [m for m in args.methods.split(',') if m]
   unknown = sorted(set(methods) - set(PEFT))
   if unknown:
@@ -103,6 +107,7 @@ def main(argv=None) -> dict:
   if 'adalink' in methods:
     rows.append(_step_time('adalink', PEFT['adalink'], args, full_head=True))
   res = dict(size=args.size, batch=args.batch, tokens=args.prompt + args.answer, rows=rows,
+             host_memory_reused=reused,
              target_s=TARGET_S, load_before=load_before, load_after=common.load_average(),
              machine=common.machine_info())
   os.makedirs(args.out, exist_ok=True)
