@@ -30,6 +30,7 @@ from adalink_jax import multihost
 from adalink_jax import optim
 from adalink_jax import partitioning
 from adalink_jax import preemption
+from adalink_jax import rank_classification
 from adalink_jax import workdir as workdir_lib
 from adalink_jax.checkpoints import backbone as backbone_lib
 from adalink_jax.peft import methods as peft_methods
@@ -170,19 +171,19 @@ class Trainer:
                             out_shardings=partitioning.batch_sharding(self.mesh, 1))
     return self._score
 
-  def _ranked(self, params: dict, batch: dict, candidates: np.ndarray, n: int) -> np.ndarray:
-    """Label index per local row: each candidate scored by one forward over the batch."""
+  def _ranked(self, params: dict, batch: dict, local: dict, candidates: np.ndarray
+              ) -> np.ndarray:
+    """Label index per row of ``local`` (this host's rows of the global ``batch``): each
+    candidate scored by one forward over the batch (:func:`rank_classification.rank_scores`
+    with this run's jitted, sharded score)."""
     score, spec = self._scorer(), partitioning.batch_sharding(self.mesh, 1).spec
-    cols = []
-    for row in candidates:
-      targets = self.to_global({'t': np.broadcast_to(row, (n, len(row))).astype(np.int32)})['t']
-      cols.append(np.asarray(multihost_utils.global_array_to_host_local_array(
-          score(params, batch, targets), self.mesh, spec)))
-    scores = np.stack(cols, axis=1)
-    if not np.all(np.isfinite(scores)):
-      raise FloatingPointError(f'rank classification: non-finite candidate scores ({scores.shape} '
-                               'batch x labels); the model produced NaN/Inf log-probs')
-    return np.argmax(scores, axis=1)
+
+    def local_scores(_, targets: np.ndarray) -> np.ndarray:
+      # rank_scores hands over this host's rows; the forward runs on the global batch.
+      targets = self.to_global({'t': np.ascontiguousarray(targets, np.int32)})['t']
+      return multihost_utils.global_array_to_host_local_array(
+          score(params, batch, targets), self.mesh, spec)
+    return np.argmax(rank_classification.rank_scores(local_scores, local, candidates), axis=1)
 
   def _eval_rows(self, params: dict, task: evaluation.EvalTask) -> tuple[list, list, list, list]:
     """(predictions, targets, prompts, ranked label indices or []) of one eval task, valid
@@ -209,7 +210,8 @@ class Trainer:
       batch = self.to_global(model_inputs)
       tokens = predict(params, batch)
       tokens = np.asarray(multihost_utils.global_array_to_host_local_array(tokens, self.mesh, spec))
-      ranked = (self._ranked(params, batch, task.candidates, n) if task.candidates is not None
+      ranked = (self._ranked(params, batch, model_inputs, task.candidates)
+                if task.candidates is not None
                 else np.full((n,), -1))
       prompts = local.get('prompts', [''] * n)
       rows += [(self.source.decode_text(tokens[i]), _jsonable(local['targets'][i]), prompts[i],
