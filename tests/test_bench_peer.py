@@ -68,6 +68,9 @@ def test_interleaved_with_load_and_matched_settings(res):
   for x in r['rows']:
     assert len(x['load_before']) == 3 and len(x['load_after']) == 3
     assert len(x['step_times_s']) == 1 and math.isfinite(x['loss'])
+    # Ours runs with the train command's host allocator (a CPU child); the peer with malloc's.
+    assert x['host_memory_reused'] is (x['side'] == 'ours'), x['side']
+  assert r['settings']['peer_allocator'] == 'system'
   by = {(x['method'], x['side']): x for x in r['rows']}
   lora = by['lora', 'peer']
   assert lora['peer_settings'] == dict(r=8, lora_alpha=8, lora_dropout=0.0,
