@@ -229,7 +229,11 @@ def collect(out: str, select: str = '', shown: Sequence[str] = ()) -> list[dict[
 def fold_grid(rows: list[dict[str, Any]], select: str,
               grid_key: str = 'optimizer.learning_rate') -> list[dict[str, Any]]:
   """One row per label without ``grid_key``: each task's metrics from the point best on
-  ``task/select`` (ties: the first), that point's ``grid_key`` value in ``chosen_<task>``."""
+  ``task/select`` (ties: the first), that point's ``grid_key`` value in ``chosen_<task>``, and
+  ``avg_selected`` -- only for a label scored on every task of the sweep (an average over
+  some tasks would not compare with the others, e.g. in a sweep still running)."""
+  every_task = {t for r in rows for t in _tasks_of(_evals(r))
+                if f'eval_{t}/{select}' in r}
   groups: dict[str, list[dict[str, Any]]] = {}
   for r in rows:
     groups.setdefault(method_label(_overrides(r['point']), leave_out=(grid_key,)), []).append(r)
@@ -248,7 +252,7 @@ def fold_grid(rows: list[dict[str, Any]], select: str,
       if len(members) > 1:
         row[f'chosen_{task}'] = _overrides(best['point']).get(grid_key, '')
       picked.append(best[f'eval_{task}/{select}'])
-    if picked:
+    if picked and len(picked) == len(every_task):
       row['avg_selected'] = sum(picked) / len(picked)
     out.append(row)
   return out
