@@ -88,5 +88,4 @@ def define_host_allocator_flag() -> None:
 def apply_host_allocator() -> bool:
   """Applies ``--host_allocator`` (:func:`adalink_jax.env.reuse_freed_host_memory`); call it
   first thing in ``main``, before anything starts JAX's backend."""
-  import jax  # pylint: disable=g-import-not-at-top  (importing does not start a backend)
-  return env.reuse_freed_host_memory(flags.FLAGS.host_allocator, jax.config.jax_platforms)
+  return env.reuse_freed_host_memory(flags.FLAGS.host_allocator)

@@ -97,13 +97,16 @@ def reuse_freed_host_memory(mode: str = 'auto', jax_platforms: str | None = None
   faster with it, T5-base twice as fast).
 
   ``mode``: ``'reuse'`` applies it, ``'system'`` leaves malloc as it is, ``'auto'`` applies
-  it only when the computations run on the CPU (:func:`computes_on_cpu`), so accelerator
-  hosts keep glibc's defaults. It must run before JAX starts its backend: threads that
+  it only when the computations run on the CPU (:func:`computes_on_cpu` of ``jax_platforms``,
+  by default JAX's own setting), so accelerator hosts keep glibc's defaults. It must run before JAX starts its backend: threads that
   have allocated already keep their own arenas. Returns whether it was applied (False also
   where the C library is not glibc).
   """
   if mode not in HOST_ALLOCATOR_CHOICES:
     raise ValueError(f'host allocator {mode!r}; choose one of {", ".join(HOST_ALLOCATOR_CHOICES)}')
+  if jax_platforms is None:
+    import jax  # pylint: disable=g-import-not-at-top  (importing does not start a backend)
+    jax_platforms = jax.config.jax_platforms
   if mode == 'system' or (mode == 'auto' and not computes_on_cpu(jax_platforms)):
     return False
   libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')

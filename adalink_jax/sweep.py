@@ -270,8 +270,8 @@ def paper_table(rows: list[dict[str, Any]], shown: Sequence[str] = (),
                 average_of: str = '') -> str:
   """Markdown: method | trainable params | one column per task | average | step time.
 
-  shown: the metrics to show, in this order (default all); average_of: the column averaged over tasks is that
-  metric (``avg_selected`` of :func:`fold_grid`), else the runs' own ``average``."""
+  shown: the metrics to show, in this order (default all); average_of: the column averaged over
+  tasks is that metric (``avg_selected`` of :func:`fold_grid`), else the runs' own ``average``."""
   order = {m: i for i, m in enumerate(shown)}
   per_row = [{t: dict(sorted(((m, v) for m, v in ms.items() if not shown or m in shown),
                              key=lambda mv: order.get(mv[0], len(order))))

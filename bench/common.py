@@ -92,10 +92,8 @@ def child_main(run: Callable[[dict], dict]) -> None:
   args = parser.parse_args()
   with open(args.spec) as f:
     spec = json.load(f)
-  import jax  # pylint: disable=import-outside-toplevel  (importing does not start a backend)
   from adalink_jax import env  # pylint: disable=import-outside-toplevel
-  reused = env.reuse_freed_host_memory(spec.get('host_allocator', 'auto'),
-                                       jax.config.jax_platforms)
+  reused = env.reuse_freed_host_memory(spec.get('host_allocator', 'auto'))
   result = run(spec)
   result.setdefault('host_memory_reused', reused)
   with open(args.out, 'w') as f:

@@ -278,6 +278,14 @@ def summarize(rows: list[dict], peak: float | None = None) -> list[dict]:
   return out
 
 
+def _allocator(rows: list[dict], side: str) -> str:
+  """How ``side``'s children ran malloc, as they reported it (``host_memory_reused``)."""
+  seen = {r.get('host_memory_reused') for r in rows if r.get('side') == side and 'error' not in r}
+  if not seen:
+    return '--'
+  return {frozenset({True}): 'reuse', frozenset({False}): 'system'}.get(frozenset(seen), 'mixed')
+
+
 def markdown(res: dict) -> str:
   f = lambda x, fmt: '--' if x is None else format(x, fmt)
   lines = [f'# Peer benchmark ({res["size"]})', '',
@@ -286,8 +294,9 @@ def markdown(res: dict) -> str:
            f'Load average (1/5/15 min) before {res["load_before"]}, after {res["load_after"]}. '
            f'{res["settings"]["rounds"]} interleaved round(s) of {res["settings"]["steps"]} '
            f'timed steps after {res["settings"]["warmup"]} warm-up; peer torch threads '
-           f'{res["settings"]["threads"]}, peer malloc {res["settings"].get("peer_allocator")} '
-           '(ours: reuse, adalink_jax.env). Ratios < 1: ours is faster.', '',
+           f'{res["settings"]["threads"]}; malloc: ours {_allocator(res["rows"], "ours")}, '
+           f'peer {_allocator(res["rows"], "peer")} (adalink_jax.env). Ratios < 1: ours is '
+           'faster.', '',
            f'Matmul peak measured in the same run (fp32 {res["peak"].get("n")}^3 `jnp.dot`): '
            f'{f(res["peak"].get("flops_per_s", 0) / 1e9, ".0f")} GFLOP/s; MFU = our step\'s '
            'compiled FLOPs / its median time / that peak.', '',
@@ -364,7 +373,8 @@ def main(argv=None) -> dict:
              command=' '.join(['python', '-m', 'bench.peer'] +
                               (argv if argv is not None else sys.argv[1:])),
              machine=common.machine_info(), versions=_versions(),
-             load_before=common.load_average(), skipped=SKIPPED, peak=measure_peak(args.peak_n, args.timeout),
+             load_before=common.load_average(), skipped=SKIPPED,
+             peak=measure_peak(args.peak_n, args.timeout),
              settings=dict(steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                            threads=args.threads, peer_allocator=args.peer_allocator,
                            ours=OURS, peer=PEER,

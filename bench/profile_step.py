@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from adalink_jax import env  # pylint: disable=import-outside-toplevel
   # The allocator the train command and the peer benchmark's children run with.
-  env.reuse_freed_host_memory('auto', jax.config.jax_platforms)
+  env.reuse_freed_host_memory('auto')
   models = peer.MODELS[args.size]
   name = args.model or next(iter(models))
   if name not in models:

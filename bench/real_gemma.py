@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
   p.add_argument('--host_allocator', default='auto', choices=env.HOST_ALLOCATOR_CHOICES,
                  help='adalink_jax.env.reuse_freed_host_memory (auto: what the train command does)')
   args = p.parse_args(argv)
-  reused = env.reuse_freed_host_memory(args.host_allocator, jax.config.jax_platforms)
+  reused = env.reuse_freed_host_memory(args.host_allocator)
   methods = [m for m in args.methods.split(',') if m]
   unknown = sorted(set(methods) - set(PEFT))
   if unknown:

@@ -71,6 +71,7 @@ def test_interleaved_with_load_and_matched_settings(res):
     # Ours runs with the train command's host allocator (a CPU child); the peer with malloc's.
     assert x['host_memory_reused'] is (x['side'] == 'ours'), x['side']
   assert r['settings']['peer_allocator'] == 'system'
+  assert 'malloc: ours reuse, peer system (adalink_jax.env)' in (res[0] / 'peer.md').read_text()
   by = {(x['method'], x['side']): x for x in r['rows']}
   lora = by['lora', 'peer']
   assert lora['peer_settings'] == dict(r=8, lora_alpha=8, lora_dropout=0.0,

@@ -41,8 +41,8 @@ print(applied, statistics.median(faults[-10:]))  # steady state: the heap has gr
 
 def _median_faults(mode: str, command: str = 'adalink_jax.train') -> tuple[str, float]:
   env = {'PATH': '/usr/bin:/bin', 'HOME': '/tmp', 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.run([sys.executable, '-c', _FAULTS_PER_STEP, mode, command], capture_output=True,
-                        text=True, timeout=300, env=env)
+  proc = subprocess.run([sys.executable, '-c', _FAULTS_PER_STEP, mode, command],
+                        capture_output=True, text=True, timeout=300, env=env)
   assert proc.returncode == 0, proc.stderr[-2000:]
   applied, faults = proc.stdout.split()
   return applied, float(faults)
