@@ -144,6 +144,23 @@ def test_relative_buckets_match_hf_beyond_max_distance():
       np.testing.assert_array_equal(ours, ref)
 
 
+def test_static_and_traced_offsets_give_the_same_bias():
+  """Static positions take the numpy-bucket gather; a traced offset (decoding) the one-hot
+  contraction. Both must give the same bias, bit for bit, and the jnp buckets the numpy ones."""
+  rel = np.arange(-700, 701, dtype=np.int32)[None, :]
+  for bidirectional in (True, False):
+    np.testing.assert_array_equal(
+        t5.relative_position_bucket(rel, bidirectional, 32, 128),
+        np.asarray(t5.relative_position_bucket(jnp.asarray(rel), bidirectional, 32, 128)))
+    mod = t5.RelativePositionBias(32, 128, 3, bidirectional)
+    params = mod.init(jax.random.PRNGKey(0), 5, 600)
+    for offset in (0, 7):
+      static = mod.apply(params, 5, 600, offset)
+      traced = jax.jit(lambda o: mod.apply(params, 5, 600, o))(jnp.int32(offset))
+      assert static.shape == (1, 3, 5, 600)
+      np.testing.assert_array_equal(static, traced)
+
+
 def test_far_positions_change_the_output(ckpts):
   """Control: the parity inputs are long enough that the far buckets matter."""
   d, _, hf_logits, enc, dec, _ = ckpts['v11']

@@ -169,11 +169,20 @@ class RelativePositionBias(nn.Module):
       # times the size of the attention logits.
       bias = jnp.take(rel_embedding.astype(self.dtype), buckets, axis=1)  # [h, b, q, k]
       return jnp.transpose(bias, (1, 0, 2, 3))
+    if isinstance(query_offset, int):
+      # Static positions: the buckets are a numpy constant and the bias one gather. The one-hot
+      # contraction below builds a [q, k, buckets] array at every step (~1% of a T5-base step
+      # at 512 tokens); a gather along the unsharded bucket axis is sharding-friendly too.
+      buckets = relative_position_bucket(
+          np.arange(klen, dtype=np.int32)[None, :] -
+          (np.arange(qlen, dtype=np.int32)[:, None] + query_offset),
+          self.bidirectional, self.num_buckets, self.max_distance)
+      return jnp.take(rel_embedding.astype(self.dtype), buckets, axis=1)[None]
     context = jnp.arange(qlen, dtype=jnp.int32)[:, None] + query_offset
     memory = jnp.arange(klen, dtype=jnp.int32)[None, :]
     buckets = relative_position_bucket(memory - context, self.bidirectional, self.num_buckets,
                                        self.max_distance)
-    # One-hot contraction instead of a gather keeps this sharding-friendly.
+    # Traced offset (decoding): a one-hot contraction keeps this sharding-friendly.
     onehot = jax.nn.one_hot(buckets, self.num_buckets, dtype=self.dtype)
     bias = jnp.einsum('hn,qkn->hqk', rel_embedding.astype(self.dtype), onehot)
     return bias[None]
@@ -232,11 +241,11 @@ class MultiHeadAttention(nn.Module):
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, start)
         k, v = cached_key.value, cached_value.value
 
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
-    logits = logits + bias.astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(x_q.shape[:-1] + (h * d,))
+    dropout = None
+    if self.dropout_rate and not deterministic:
+      dropout = lambda w: nn.Dropout(self.dropout_rate)(w, deterministic=False)
+    out = layers.dot_product_attention(q, k, v, bias, self.dtype, dropout)
+    out = out.reshape(x_q.shape[:-1] + (h * d,))
     return layers.Dense(x_q.shape[-1], ('joined_kv', 'embed'),
                         hooks=intrusive.at(self.hooks, 'out'), name='out', **kw)(out)
 

@@ -240,10 +240,10 @@ class MultiHeadDotProductAttention(nn.Module):
     k = _HeadsDense(self.num_heads, head_dim, name='key', **kw)(x_kv)
     v = _HeadsDense(self.num_heads, head_dim, name='value', **kw)(x_kv)
     q = q * jnp.asarray(head_dim ** -0.5, self.dtype)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    dropout = None
+    if self.dropout_rate and not deterministic:
+      dropout = lambda w: nn.Dropout(self.dropout_rate)(w, deterministic=False)
+    out = layers.dot_product_attention(q, k, v, None, self.dtype, dropout)
     return _OutDense(width, name='out', **kw)(out)
 
 
