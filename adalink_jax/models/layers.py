@@ -68,11 +68,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Any = 
   autodiff's own backward (its mask is drawn inside).
   """
   if dropout is not None:
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
-    if bias is not None:
-      logits = logits + bias.astype(jnp.float32)
-    weights = dropout(jax.nn.softmax(logits, axis=-1).astype(dtype))
-    return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    return jnp.einsum('bhqk,bkhd->bqhd', dropout(_probabilities(q, k, bias).astype(dtype)), v)
   if bias is not None:  # fp32 and rank 4, so the backward knows its dtype and broadcast axes
     bias = jnp.asarray(bias, jnp.float32)
     bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
@@ -84,11 +80,16 @@ def _heads_second(x: jax.Array) -> jax.Array:
   return jnp.transpose(x, (0, 2, 1, 3))
 
 
-def _attention_forward(dtype, q, k, v, bias):
+def _probabilities(q: jax.Array, k: jax.Array, bias: Any) -> jax.Array:
+  """fp32 ``softmax(q . k + bias)``: ``[b, h, q, k]``."""
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
   if bias is not None:
-    logits = logits + bias
-  probs = jax.nn.softmax(logits, axis=-1)
+    logits = logits + bias.astype(jnp.float32)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def _attention_forward(dtype, q, k, v, bias):
+  probs = _probabilities(q, k, bias)
   return _heads_second(jnp.einsum('bhqk,bkhd->bhqd', probs.astype(dtype), v)), probs
 
 
