@@ -389,8 +389,19 @@ def score_sequences(model: Any, params: Any, encoded: jax.Array, encoder_mask: j
       [jnp.full((targets.shape[0], 1), start_id, targets.dtype), targets[:, :-1]], axis=1)
   logits = model.apply({'params': params}, encoded, encoder_mask, decoder_inputs,
                        task_id=task_id, method=model.decode)
+  return summed_to_eos(token_log_probs(logits, targets), targets, eos_id)
+
+
+def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """``logits[..., vocab]`` and ``targets[...]`` -> fp32 log-prob of each target ``[...]``."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-  token_lp = jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def summed_to_eos(token_lp: jax.Array, targets: jax.Array, eos_id: int
+                  ) -> tuple[jax.Array, jax.Array]:
+  """``(sum of token_lp[b, t] [b], number of tokens [b])``, counting tokens up to and including
+  the first EOS of ``targets[b, t]`` (all ``t`` if there is none)."""
   is_eos = targets == eos_id
   counted = (jnp.cumsum(is_eos, axis=-1) - is_eos) == 0  # at or before the first EOS
   return jnp.sum(jnp.where(counted, token_lp, 0.0), axis=-1), jnp.sum(counted, axis=-1)

@@ -9,7 +9,9 @@ another ('human' / 'humanity') is not scored as the longer one. The sum is not
 length-normalised (T5's rank classification).
 
 Candidates are scored one forward per candidate per batch (``stacked=False``: memory of one
-batch) or in one forward over the batch repeated per candidate (``stacked=True``).
+batch) or in one forward over the batch repeated per candidate (``stacked=True``). Training
+runs score with the family's ``score_candidates`` instead (:mod:`adalink_jax.families.base`),
+which runs the shared prefix once; this module's :func:`rank_scores` is the model-agnostic form.
 """
 from __future__ import annotations
 
@@ -65,7 +67,9 @@ def _repeat(x: Any, times: int) -> Any:
   return np.concatenate([np.asarray(x)] * times, axis=0)
 
 
-def _checked(scores: Any, want: tuple[int, ...], what: str) -> np.ndarray:
+def checked_scores(scores: Any, want: tuple[int, ...], what: str) -> np.ndarray:
+  """``scores`` as float64 of shape ``want``, or an error naming ``what`` (wrong shape, or a
+  non-finite score: a NaN must not pick a label)."""
   out = np.asarray(scores, np.float64)
   if out.shape != want:
     raise ValueError(f'score function returned shape {out.shape} for {what}; expected {want} '
@@ -87,9 +91,10 @@ def rank_scores(score: ScoreFn, inputs: Any, candidates: np.ndarray,
   if stacked:  # candidate-major: rows [k * b, (k + 1) * b) hold candidate k
     tiled = jax.tree.map(lambda x: _repeat(x, c), inputs)
     targets = np.repeat(candidates, b, axis=0)
-    flat = _checked(score(tiled, targets), (c * b,), f'{c} stacked candidates')
+    flat = checked_scores(score(tiled, targets), (c * b,), f'{c} stacked candidates')
     return flat.reshape(c, b).T
-  cols = [_checked(score(inputs, np.broadcast_to(candidates[k], (b, t))), (b,), f'candidate {k}')
+  cols = [checked_scores(score(inputs, np.broadcast_to(candidates[k], (b, t))), (b,),
+                         f'candidate {k}')
           for k in range(c)]
   return np.stack(cols, axis=1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import functools
 import math
 import os
 from typing import Any
@@ -77,7 +78,7 @@ class Trainer:
         config, self.setup, self.mesh)
     self.tx, self.schedule = optim.make_optimizer(dict(config.optimizer))
     self._predict = None
-    self._score = None
+    self._score = {}  # eval task name -> jitted rank-classification scores
 
   # ---------------------------------------------------------------- parameters
 
@@ -164,26 +165,21 @@ class Trainer:
     pad = {k: np.zeros_like(v) for k, v in like.items()}
     return dict(pad, valid=np.zeros((n,), bool), targets=[None] * n, prompts=[''] * n)
 
-  def _scorer(self):
-    """The jitted teacher-forced score of one candidate (rank classification), built once."""
-    if self._score is None:
-      self._score = jax.jit(self.setup.score_targets,
-                            out_shardings=partitioning.batch_sharding(self.mesh, 1))
-    return self._score
-
-  def _ranked(self, params: dict, batch: dict, local: dict, candidates: np.ndarray
+  def _ranked(self, params: dict, batch: dict, task: evaluation.EvalTask, n: int
               ) -> np.ndarray:
-    """Label index per row of ``local`` (this host's rows of the global ``batch``): each
-    candidate scored by one forward over the batch (:func:`rank_classification.rank_scores`
-    with this run's jitted, sharded score)."""
-    score, spec = self._scorer(), partitioning.batch_sharding(self.mesh, 1).spec
-
-    def local_scores(_, targets: np.ndarray) -> np.ndarray:
-      # rank_scores hands over this host's rows; the forward runs on the global batch.
-      targets = self.to_global({'t': np.ascontiguousarray(targets, np.int32)})['t']
-      return multihost_utils.global_array_to_host_local_array(
-          score(params, batch, targets), self.mesh, spec)
-    return np.argmax(rank_classification.rank_scores(local_scores, local, candidates), axis=1)
+    """Label index per row of this host's ``n`` rows of the global ``batch``: every candidate
+    scored by the family's ``score_candidates`` (the prefix run once), jitted once per task
+    with the candidates as a constant every host holds alike."""
+    if task.name not in self._score:
+      score = functools.partial(self.setup.score_candidates,
+                                candidates=np.asarray(task.candidates, np.int32))
+      self._score[task.name] = jax.jit(score,
+                                       out_shardings=partitioning.batch_sharding(self.mesh, 2))
+    scores = multihost_utils.global_array_to_host_local_array(
+        self._score[task.name](params, batch), self.mesh,
+        partitioning.batch_sharding(self.mesh, 2).spec)
+    return np.argmax(rank_classification.checked_scores(
+        scores, (n, len(task.candidates)), f'the candidates of {task.name}'), axis=1)
 
   def _eval_rows(self, params: dict, task: evaluation.EvalTask) -> tuple[list, list, list, list]:
     """(predictions, targets, prompts, ranked label indices or []) of one eval task, valid
@@ -210,7 +206,7 @@ class Trainer:
       batch = self.to_global(model_inputs)
       tokens = predict(params, batch)
       tokens = np.asarray(multihost_utils.global_array_to_host_local_array(tokens, self.mesh, spec))
-      ranked = (self._ranked(params, batch, model_inputs, task.candidates)
+      ranked = (self._ranked(params, batch, task, n)
                 if task.candidates is not None
                 else np.full((n,), -1))
       prompts = local.get('prompts', [''] * n)

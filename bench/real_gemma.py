@@ -2,12 +2,17 @@
 
   python -m bench.real_gemma [--size=270m|tiny] [--methods=adalink,lora,ia3,prompt,adapter,ft]
                              [--batch=16] [--prompt=44] [--answer=4] [--steps=5] [--out=DIR]
+                             [--candidates=6]
 
 For each method, one jitted train step (AdamW, fp32, the family's forward and loss exactly as
 ``configs/mr_gemma3_270m.py`` trains them) on a batch of ``--prompt`` prompt tokens and an
 ``--answer``-token answer, timed as the median of ``--steps`` steps after one warm-up (compile)
 step; AdaLink is also timed with the LM head over every slot (``full_head``: what a plain
-decoder-only forward computes) to show what the answer-only head saves. Weights are random
+decoder-only forward computes) to show what the answer-only head saves. Then the evaluation's
+rank classification of one batch over ``--candidates`` labels of ``--answer`` tokens (TREC: 6):
+the family's ``score_candidates`` (the prompt prefilled once, every label extends a copy of its
+cache) against one full teacher-forced forward per label (the base family's way, what
+evaluation did before). Weights are random
 (the time does not depend on their values), so no checkpoint is needed; ``--size=tiny`` is the
 smoke test's. The target of issue #15: the AdaLink step <= 2.5 s on a quiet 2-core machine.
 Writes ``real_gemma.json`` and ``real_gemma.md`` under ``--out`` with the load average.
@@ -15,6 +20,7 @@ Writes ``real_gemma.json`` and ``real_gemma.md`` under ``--out`` with the load a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -28,6 +34,7 @@ from flax import linen as nn
 
 from adalink_jax import env
 from adalink_jax import model_builder
+from adalink_jax.families import base
 from adalink_jax.models import prefix_lm
 from adalink_jax.peft import methods as peft
 from adalink_jax.peft import train as peft_train
@@ -81,6 +88,30 @@ def _step_time(name: str, peft_block: dict, args, full_head: bool = False) -> di
               trainable=counts['trainable'], total=counts['total'])
 
 
+def _rank_time(args, shared: bool) -> dict:
+  """Seconds to score ``--candidates`` labels for one batch, prefix shared or not."""
+  config = ml_collections.ConfigDict(dict(
+      model=dict(family='gemma', name=SIZES[args.size], dtype='float32', frozen_dtype='float32'),
+      peft=PEFT['adalink']))
+  setup = model_builder.build(config)
+  b, p, t, c = args.batch, args.prompt, args.answer, args.candidates
+  batch = setup.init_batch(b, p, t)
+  params = common.random_params(nn.unbox(jax.eval_shape(setup.init, jax.random.key(0), batch)))
+  rng = np.random.default_rng(0)
+  vocab = setup.vocab_size
+  batch = dict(batch, encoder_input_tokens=jnp.asarray(rng.integers(3, vocab, (b, p)), jnp.int32))
+  candidates = rng.integers(3, vocab, (c, t)).astype(np.int32)
+  candidates[:, -1] = setup.eos_id
+  how = setup.score_candidates if shared else functools.partial(
+      base.BaseModel.score_candidates, setup)
+  score = jax.jit(functools.partial(how, candidates=candidates))
+  run = lambda: jax.block_until_ready(score(params, batch))
+  run()  # compile
+  times = common.timed(run, args.steps)
+  return dict(prefix='shared' if shared else 'per label', candidates=c,
+              score_s=common.median(times), times=times)
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--size', default='270m', choices=sorted(SIZES))
@@ -89,6 +120,7 @@ def main(argv=None) -> dict:
   p.add_argument('--prompt', type=int, default=44)
   p.add_argument('--answer', type=int, default=4)
   p.add_argument('--steps', type=int, default=5)
+  p.add_argument('--candidates', type=int, default=6, help='labels ranked (TREC: 6; 0: skip)')
   p.add_argument('--out', default='bench/results')
   p.add_argument('--host_allocator', default='auto', choices=env.HOST_ALLOCATOR_CHOICES,
                  help='adalink_jax.env.reuse_freed_host_memory (auto: what the train command does)')
@@ -106,7 +138,9 @@ def main(argv=None) -> dict:
           flush=True)
   if 'adalink' in methods:
     rows.append(_step_time('adalink', PEFT['adalink'], args, full_head=True))
+  ranking = [_rank_time(args, shared) for shared in (False, True)] if args.candidates else []
   res = dict(size=args.size, batch=args.batch, tokens=args.prompt + args.answer, rows=rows,
+             rank_classification=ranking,
              host_memory_reused=reused,
              target_s=TARGET_S, load_before=load_before, load_after=common.load_average(),
              machine=common.machine_info())
@@ -118,6 +152,10 @@ def main(argv=None) -> dict:
            '| method | LM head | trainable params | step (s) |', '|---|---|---|---|']
   lines += [f'| {r["method"]} | {"every slot" if r["full_head"] else "answer only"} | '
             f'{r["trainable"]:,} | {r["step_s"]:.3f} |' for r in rows]
+  if ranking:
+    lines += ['', f'Rank classification of one batch over {args.candidates} labels of '
+              f'{args.answer} tokens:', '', '| prompt | scoring (s) |', '|---|---|']
+    lines += [f'| {r["prefix"]} | {r["score_s"]:.3f} |' for r in ranking]
   with open(os.path.join(args.out, 'real_gemma.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))

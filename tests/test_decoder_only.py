@@ -188,3 +188,39 @@ def test_fold_into_a_separate_gemma_input_table(activation):
                     method=prefix_lm.PrefixLM.prefix).embeddings[0, -4:]  # bos + 4, left-aligned
   got = folded[tokens[0]] * np.sqrt(setup.llm_config.d_model).astype(np.float32)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+# Label tokens of different lengths, right-padded after EOS (rank_classification's layout).
+CANDIDATES = np.asarray([[20, 21, 1, 0], [23, 1, 0, 0], [30, 31, 32, 1]], np.int32)
+
+
+@pytest.mark.parametrize('family,name', [('gemma', 'gemma3_tiny'), ('paligemma', 'paligemma_tiny'),
+                                         ('t5', 't5_1_1_tiny')])
+def test_score_candidates_shares_the_prefix(family, name):
+  """``score_candidates`` (prefix once, then every candidate) == ``score_targets`` of each
+  candidate (a full teacher-forced forward), with a per-task adapter bank on prompt and answer
+  and mixed task ids; the decoder-only family also in groups of one and of two (padded)."""
+  config = _config(family, name, separator_id=SEP) if family != 't5' else _config(family, name)
+  config.peft.update(decoder_inputs=True, num_tasks=2)
+  setup = model_builder.build(config)
+  prompt, _ = _rows(PROMPTS, TARGETS, 6, 5)
+  batch = dict(setup.init_batch(2, 6, 5), encoder_input_tokens=prompt,
+               task_id=jnp.asarray([1, 0], jnp.int32))
+  if 'image' in batch:
+    batch['image'] = jax.random.uniform(jax.random.key(2), batch['image'].shape, minval=-1)
+  params = nn.unbox(setup.init(jax.random.key(0), batch))
+  params = jax.tree_util.tree_map_with_path(  # a trained-looking adapter
+      lambda p, x: x + 0.2 * jax.random.normal(jax.random.key(3), x.shape)
+      if 'adapter' in jax.tree_util.keystr(p) else x, params)
+  want = np.stack([setup.score_targets(params, batch, jnp.broadcast_to(c, (2, 4)))
+                   for c in CANDIDATES], axis=1)
+  assert len(set(np.argmax(want, 1).tolist())) > 1 or np.ptp(want) > 0.1, want
+  np.testing.assert_allclose(setup.score_candidates(params, batch, CANDIDATES), want,
+                             rtol=1e-5, atol=1e-5)
+  if family == 't5':
+    return
+  vocab_row = 4 * setup.vocab_size * (CANDIDATES.shape[1] - 1)
+  for rows in (2, 4):  # two examples: groups of one, then of two (the last group padded)
+    setup.score_logit_bytes = rows * vocab_row
+    np.testing.assert_allclose(setup.score_candidates(params, batch, CANDIDATES), want,
+                               rtol=1e-5, atol=1e-5)

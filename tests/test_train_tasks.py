@@ -87,3 +87,40 @@ def test_a_vocabulary_larger_than_the_token_table_is_refused(assets, files, tmp_
   c.model.t5.vocab_size = 256  # the fixture's vocabulary has 420 pieces + 100 sentinels
   with pytest.raises(ValueError, match=r'task vocabulary \(520 ids.*token table \(256 rows'):
     trainer.Trainer(c, str(tmp_path))
+
+
+def test_trainer_ranks_gemma_candidates_as_score_targets_does(assets, files, tmp_path,  # noqa: F811
+                                                              monkeypatch):
+  """The trainer's rank classification (the family's ``score_candidates``, jitted and sharded
+  over the 8-device mesh) picks, row by row, the label that ``score_targets`` -- one full
+  teacher-forced forward per label -- scores highest, on a GLUE eval batch and a tiny Gemma."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from adalink_jax import rank_classification  # pylint: disable=g-import-not-at-top
+  from adalink_jax.peft import methods as peft  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(seqio.TfdsDataSource, 'num_input_examples', lambda self, split: 8)
+  with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+    c = _seqio_config(assets, files, 'glue_rte_v002_raw', 'gemma', 'accuracy',
+                      **{'peft.method': 'adalink'})
+    c.model = dict(family='gemma', name='gemma3_tiny', gemma=dict(vocab_size=640))
+    c.peft.modalities = ('text',)
+    t = trainer.Trainer(c, str(tmp_path))
+    trainable, frozen = t.init_params()
+    trainable = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape,
+                                                                    x.dtype), trainable)
+    params = peft.merge(trainable, frozen)
+    task = t.source.eval_tasks()[0]
+    local = next(iter(t.source.eval_batches(1, task.name)))
+  inputs = {k: v for k, v in local.items() if k in trainer._ENCODE_KEYS}  # pylint: disable=protected-access
+  n = len(local['targets'])
+  with t.mesh:
+    got = t._ranked(params, t.to_global(inputs), task, n)  # pylint: disable=protected-access
+  want, scores = rank_classification.classify(
+      lambda batch, targets: t.setup.score_targets(params, batch, targets), inputs,
+      task.candidates)
+  assert n == 8 and len(task.candidates) == 2
+  np.testing.assert_array_equal(got, want)
+  # ... and with the same scores (one process: the global scores are this host's).
+  np.testing.assert_allclose(t._score[task.name](params, t.to_global(inputs)), scores,  # pylint: disable=protected-access
+                             rtol=1e-5, atol=1e-5)
+  assert np.ptp(scores) > 0  # the labels do not score alike

@@ -10,6 +10,8 @@ module (with the method's seam adapters and hooks), the predicate of what trains
 * ``decoder(params, batch, max_decode_len, repeat)``: the prefix encoded / prefilled once and
   a cached step (:class:`adalink_jax.decoding.Decoder`); ``generate`` runs greedy, sampling or
   beam search on it;
+* ``score_targets`` / ``score_candidates``: teacher-forced scores for rank classification
+  (the latter runs the prefix once for all candidates where the family can);
 * special ids (``pad_id``, ``eos_id``, ``decoder_start_id``), ``vocab_size``, where the token
   table lives (``embedding_path``, for folding and prompt-tuning init);
 * ``init_towers``: the ``config.init`` keys ``load`` fills, and ``load`` itself.
@@ -131,11 +133,18 @@ class BaseModel:
     start = jnp.full((targets.shape[0], 1), self.decoder_start_id, targets.dtype)
     forced = dict(batch, decoder_target_tokens=targets,
                   decoder_input_tokens=jnp.concatenate([start, targets[:, :-1]], axis=1))
-    log_probs = jax.nn.log_softmax(self.forward(params, forced, None).astype(jnp.float32))
-    token = jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    is_eos = targets == self.eos_id
-    counted = (jnp.cumsum(is_eos, axis=-1) - is_eos) == 0
-    return jnp.sum(jnp.where(counted, token, 0.0), axis=-1)
+    token_lp = decoding.token_log_probs(self.forward(params, forced, None), targets)
+    return decoding.summed_to_eos(token_lp, targets, self.eos_id)[0]
+
+  def score_candidates(self, params: Any, batch: Mapping[str, jax.Array],
+                       candidates: jax.Array) -> jax.Array:
+    """Every candidate's :meth:`score_targets` for every example: ``candidates[c, t]`` (shared
+    by the batch) -> ``[b, c]`` fp32. Here one teacher-forced forward per candidate, one at a
+    time (the memory of one); families with a prefix cache override it to run the prefix once.
+    """
+    b = batch['encoder_input_tokens'].shape[0]
+    one = lambda cand: self.score_targets(params, batch, jnp.broadcast_to(cand, (b,) + cand.shape))
+    return jax.lax.map(one, candidates).T
 
   def generate(self, params: Any, batch: Mapping[str, jax.Array], max_decode_len: int,
                method: str = 'greedy', **kw) -> jax.Array:

@@ -102,6 +102,39 @@ class DecoderOnlyModel(base.BaseModel):
     return decoding.Decoder((logits, cache), step, gather)
 
 
+  # Rows of logits (x vocab, fp32) one candidate group may hold: 256 MiB at Gemma's 262k.
+  score_logit_bytes = 256 << 20
+
+  def score_candidates(self, params, batch, candidates):
+    """The prefix prefilled once; every candidate then extends a copy of its cache by its own
+    tokens in one pass. Candidates go in groups whose ``[b * group, t - 1, vocab]`` logits fit
+    :attr:`score_logit_bytes`."""
+    c, t = candidates.shape
+    b = batch['encoder_input_tokens'].shape[0]
+    variables, task_id = {'params': params}, batch.get('task_id')
+    first, cache = self.model.apply(variables, batch['encoder_input_tokens'], batch.get('image'),
+                                    task_id, max(t - 1, 1), method=prefix_lm.PrefixLM.prefill)
+    first_lp = jax.nn.log_softmax(first.astype(jnp.float32))  # [b, vocab]: every first token
+    rows_fit = self.score_logit_bytes // (4 * self.vocab_size * max(t - 1, 1))
+    group = int(min(c, max(1, rows_fit // b)))
+    groups = -(-c // group)
+    padded = jnp.concatenate([candidates, jnp.broadcast_to(
+        candidates[:1], (groups * group - c, t))]).reshape(groups, group, t)
+    rows = jnp.repeat(jnp.arange(b), group)  # row i * group + k: example i, candidate k
+    group_cache, group_task = prefix_lm.gather_cache(cache, rows), base.repeat_rows(task_id, group)
+
+    def scores(cands):  # [group, t] -> [b, group]
+      targets = jnp.tile(cands, (b, 1))
+      lp = jnp.take(first_lp, cands[:, 0], axis=1).reshape(b * group, 1)
+      if t > 1:
+        logits, _ = self.model.apply(variables, targets[:, :-1], group_cache, group_task,
+                                     method=prefix_lm.PrefixLM.extend)
+        lp = jnp.concatenate([lp, decoding.token_log_probs(logits, targets[:, 1:])], axis=1)
+      return decoding.summed_to_eos(lp, targets, self.eos_id)[0].reshape(b, group)
+    out = jax.lax.map(scores, padded)  # [groups, b, group]
+    return out.transpose(1, 0, 2).reshape(b, groups * group)[:, :c]
+
+
 def check_llm_shapes(got: gemma_lib.GemmaConfig, want: gemma_lib.GemmaConfig, where: str):
   """A checkpoint's Gemma config against the run's: one error listing every differing field
   (pick the ``config.model.name`` / overrides of the checkpoint)."""

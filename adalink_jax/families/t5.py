@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 
 from adalink_jax import decoding
 from adalink_jax.families import base
@@ -25,6 +26,17 @@ class EncoderDecoderModel(base.BaseModel):
     encoded, mask = self.encode(params, batch)
     return decoding.encoder_decoder(self.model, params, encoded, mask, max_decode_len,
                                     batch.get('task_id'), repeat=repeat)
+
+  def score_candidates(self, params, batch, candidates):
+    """The prefix encoded once; each candidate then costs one decoder pass."""
+    encoded, mask = self.encode(params, batch)
+    b = encoded.shape[0]
+
+    def one(cand):
+      return decoding.score_sequences(
+          self.model, params, encoded, mask, jnp.broadcast_to(cand, (b,) + cand.shape),
+          self.eos_id, self.decoder_start_id, batch.get('task_id'))[0]
+    return jax.lax.map(one, candidates).T
 
   @property
   def t5_config(self) -> t5_lib.T5Config:

@@ -563,17 +563,32 @@ class Gemma(nn.Module):
                            position: Optional[jax.Array] = None
                            ) -> tuple[jax.Array, DecodeCache]:
     """:meth:`decode_step` on an embedded token ``x[b, 1, d]`` (e.g. after an input adapter)."""
+    logits, cache = self.extend_embedded(x, cache, position=position)
+    return logits[:, 0], cache
+
+  def extend_embedded(self, x: jax.Array, cache: DecodeCache, mask: Optional[jax.Array] = None,
+                      position: Optional[jax.Array] = None) -> tuple[jax.Array, DecodeCache]:
+    """``n`` embedded tokens ``x[b, n, d]`` at slots ``cache.index ...`` in one pass, causal
+    among themselves -> (logits ``[b, n, vocab]`` fp32, the cache with their keys written).
+
+    mask[b, n]: which of them are real (default all; padding is written but never attended);
+    position[b]: RoPE position of the first (default the cache's), the rest follow it.
+    """
+    b, n = x.shape[:2]
     max_len = cache.key_mask.shape[1]
-    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) >= max_len:
-      raise ValueError(f'Gemma.decode_step: the cache is full ({max_len} slots); prefill with '
-                       'a larger max_len')
+    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + n > max_len:
+      raise ValueError(f'Gemma: the cache is full ({max_len} slots, {n} more tokens asked '
+                       f'at slot {int(cache.index)}); prefill with a larger max_len')
+    mask = jnp.ones((b, n), bool) if mask is None else mask.astype(bool)
+    _check_shape('mask', mask, (b, n))
     pos = cache.next_position if position is None else position.astype(jnp.int32)
     index = cache.index
-    key_mask = cache.key_mask.at[:, index].set(True)
-    masks = self._masks(key_mask, index[None], jnp.arange(max_len))
-    h, (k, v) = self.blocks(x, pos[:, None], masks,
+    slots = index + jnp.arange(n)
+    key_mask = jax.lax.dynamic_update_slice(cache.key_mask, mask, (0, index))
+    masks = self._masks(key_mask, slots, jnp.arange(max_len))
+    h, (k, v) = self.blocks(x, pos[:, None] + jnp.arange(n)[None], masks,
                              (cache.k, cache.v), index)
-    return self.head(h[:, 0]), DecodeCache(k, v, key_mask, index + 1, pos + 1)
+    return self.head(h), DecodeCache(k, v, key_mask, index + n, pos + n)
 
 
 def _check_shape(name: str, value: jax.Array, want: tuple[int, ...]) -> None:

@@ -78,7 +78,8 @@ class PrefixLM(nn.Module):
 
   ``__call__(prompt[b, p], targets[b, t], images, task_id)`` -> logits ``[b, t, vocab]`` fp32;
   ``prefill(prompt, images, task_id, max_new)`` -> (logits ``[b, vocab]``, cache);
-  ``decode_step(token[b], cache, task_id)`` -> (logits ``[b, vocab]``, cache).
+  ``decode_step(token[b], cache, task_id)`` -> (logits ``[b, vocab]``, cache);
+  ``extend(tokens[b, n], cache, task_id)`` -> (logits ``[b, n, vocab]``, cache).
   """
   config: PrefixLMConfig
   # Named as in the T5 family so 'what trains' and 'what a backbone lacks' read the same:
@@ -187,6 +188,15 @@ class PrefixLM(nn.Module):
                   ) -> tuple[jax.Array, gemma_lib.DecodeCache]:
     """``token[b]`` (a suffix token: causal, windowed) -> (logits ``[b, vocab]``, cache)."""
     return self.llm.decode_step_embedded(self._suffix(token[:, None], task_id), cache)
+
+  def extend(self, tokens: jax.Array, cache: gemma_lib.DecodeCache,
+             task_id: Optional[jax.Array] = None
+             ) -> tuple[jax.Array, gemma_lib.DecodeCache]:
+    """``tokens[b, n]`` (suffix tokens, right-padded) in one cached pass -> (logits
+    ``[b, n, vocab]``, cache): row ``j`` predicts the token after ``tokens[:, j]``, as the
+    teacher-forced :meth:`__call__` does from its suffix slots."""
+    return self.llm.extend_embedded(self._suffix(tokens, task_id), cache,
+                                    tokens != self.config.llm.pad_id)
 
 
 def gather_cache(cache: gemma_lib.DecodeCache, rows: jax.Array) -> gemma_lib.DecodeCache:
