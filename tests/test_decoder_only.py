@@ -219,8 +219,11 @@ def test_score_candidates_shares_the_prefix(family, name):
                              rtol=1e-5, atol=1e-5)
   if family == 't5':
     return
-  vocab_row = 4 * setup.vocab_size * (CANDIDATES.shape[1] - 1)
+  cfg, t = setup.llm_config, CANDIDATES.shape[1]
+  cache_slots = 6 + 1 + (SEP is not None) + t - 1 + setup.model_config.num_image_tokens
+  row = (4 * cfg.vocab_size * (t - 1) +
+         2 * cfg.num_layers * cache_slots * cfg.num_kv_heads * cfg.head_dim * 4)
   for rows in (2, 4):  # two examples: groups of one, then of two (the last group padded)
-    setup.score_logit_bytes = rows * vocab_row
+    setup.score_group_bytes = rows * row
     np.testing.assert_allclose(setup.score_candidates(params, batch, CANDIDATES), want,
                                rtol=1e-5, atol=1e-5)
