@@ -251,7 +251,8 @@ def real_gemma(benchmark: str, arg: str | None) -> ml_collections.ConfigDict:
   c.model.gemma = ml_collections.ConfigDict(dict(scan_layers=False, remat_policy='none'))
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', learning_rate=a.lr, schedule='warmup_cosine',
-      warmup_steps=min(30, max(a.steps // 10, 1)), total_steps=max(a.steps, 1),
+      # At least 2 steps in the schedule: steps=0 / 1 (zero-shot, a smoke run) must build one.
+      warmup_steps=min(30, max(a.steps // 10, 1)), total_steps=max(a.steps, 2),
       grad_clip_norm=1.0, weight_decay=0.0))
   # Full fine-tuning on a CPU: everything but the 262,144 x 640 embedding table trains. Set for
   # every method (the others never train it) so that a sweep's `peft.method=ft` gets it too.

@@ -230,18 +230,20 @@ class Trainer:
         per_task[task.name] = evaluation.score(task, predictions, targets)
         if ranked:
           per_task[task.name].update(evaluation.score_ranked(task, ranked, targets))
-        outputs[task.name] = (predictions, targets, prompts)
+        outputs[task.name] = (predictions, targets, prompts,
+                              [task.labels[i] for i in ranked] or [None] * len(predictions))
     metrics = evaluation.flatten(per_task)
     if write and jax.process_index() == 0:
       out = os.path.join(self.workdir, 'eval')
       os.makedirs(out, exist_ok=True)
       several = len(outputs) > 1
-      for name, (predictions, targets, prompts) in outputs.items():
+      for name, (predictions, targets, prompts, ranked) in outputs.items():
         path = os.path.join(out, f'predictions_{step}' + (f'_{name}' if several else '') +
                             '.jsonl')
         with open(path, 'w', encoding='utf-8') as f:
-          for p, r, q in zip(predictions, targets, prompts):
-            f.write(json.dumps({'prompt': q, 'prediction': p, 'references': r}) + '\n')
+          for p, r, q, k in zip(predictions, targets, prompts, ranked):
+            row = {'prompt': q, 'prediction': p, 'references': r}
+            f.write(json.dumps(row if k is None else dict(row, rank_prediction=k)) + '\n')
       with open(os.path.join(out, f'metrics_{step}.json'), 'w', encoding='utf-8') as f:
         json.dump({'step': step, 'num_examples': sum(len(o[0]) for o in outputs.values()),
                    **({'num_examples_per_task': {k: len(o[0]) for k, o in outputs.items()}}

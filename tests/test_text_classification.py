@@ -257,3 +257,14 @@ def test_real_gemma_sweep_points_build_what_they_name(benchmark):
   for key, lr in seen:
     rates[key].add(lr)
   assert all(r == {3e-4, 3e-3} for k, r in rates.items() if k != 'zero-shot'), rates
+
+
+@pytest.mark.parametrize('steps', [0, 1, 300])
+def test_real_gemma_config_builds_its_optimizer_at_any_step_count(steps):
+  """`:steps=0` is the zero-shot row the configs' docstrings name; its warmup-cosine schedule
+  must still build (it was refused: total 1 <= warmup 1)."""
+  from adalink_jax import config_lib, optim  # pylint: disable=g-import-not-at-top
+  c = config_lib.real_gemma('mr', f'steps={steps}')
+  _, schedule = optim.make_optimizer(dict(c.optimizer))
+  assert c.total_steps == steps and c.eval.at_start == (steps == 0)
+  assert float(schedule(min(30, max(steps // 10, 1)))) == pytest.approx(c.optimizer.learning_rate)
