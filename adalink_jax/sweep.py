@@ -14,7 +14,7 @@ by ``collect``, which writes, from every finished point:
 
 * ``results.md`` -- the paper's layout: one row per method (with its trainable parameters),
   one column per task (its metrics, ``a/b`` when a task has two, as T5 reports F1/accuracy),
-  then the average over tasks;
+  then the average over tasks; below it, what the runs took to compute;
 * ``results.csv`` -- the same rows with every metric in its own column;
 * ``results.png`` -- the average (or the one task's metric) against trainable parameters, a
   line per method.
@@ -157,6 +157,28 @@ def _point_dirs(out: str) -> list[tuple[str, str]]:
   return found
 
 
+def compute_seconds(workdir: str) -> tuple[float, float]:
+  """(train, eval) seconds a point computed, from its ``metrics.jsonl``: each logged interval
+  of steps at its logged rate, each evaluation from the record logged just before it. Time
+  between a stop and the resume is not counted; an evaluation at step 0 (the first record) is
+  not timed."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  train = evaluation = 0.0
+  if not os.path.exists(path):
+    return train, evaluation
+  step, before = 0, None
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      r = json.loads(line)
+      if r['kind'] == 'train' and r.get('steps_per_second'):
+        train += max(r['step'] - step, 0) / r['steps_per_second']
+        step = r['step']
+      elif r['kind'] == 'eval' and before is not None:
+        evaluation += r['time'] - before
+      before = r['time']
+  return train, evaluation
+
+
 def _overrides(point: str) -> dict[str, str]:
   """A point's folder name (:func:`point_name`) -> its overrides ``{key: value}``."""
   return dict(kv.split('=', 1) for kv in point.split(',') if '=' in kv)
@@ -174,8 +196,10 @@ def _row(group: str, workdir: str, r: dict) -> dict[str, Any]:
          'rank': over.get('peft.rank', ''), 'lr': over.get('optimizer.learning_rate', ''),
          'trainable_params': r.get('trainable_params') if r.get('step') else 0,
          'final_loss': r.get('final_loss'), 'step': r.get('step')}
+  suffix = '_' + group if group else ''
   if r.get('step_time_s') is not None:
-    row[f'step_time_s{"_" + group if group else ""}'] = r['step_time_s']
+    row[f'step_time_s{suffix}'] = r['step_time_s']
+  row[f'train_s{suffix}'], row[f'eval_s{suffix}'] = compute_seconds(workdir)
   row.update({f'eval_{k}': v for k, v in metrics.items()})
   return row
 
@@ -220,10 +244,20 @@ def collect(out: str, select: str = '', shown: Sequence[str] = ()) -> list[dict[
   else:
     folded = rows_list
   with open(os.path.join(out, 'results.md'), 'w', encoding='utf-8') as f:
-    f.write(table + '\n')
+    f.write(table + '\n\n' + compute_line(rows_list) + '\n')
   _plot(folded, os.path.join(out, 'results.png'),
         metric='eval_average' if not select else 'avg_selected')
   return rows_list
+
+
+def compute_line(rows: list[dict[str, Any]]) -> str:
+  """What the collected points took to compute (:func:`compute_seconds`), summed."""
+  train = sum(v for r in rows for k, v in r.items() if k.startswith('train_s'))
+  evaluation = sum(v for r in rows for k, v in r.items() if k.startswith('eval_s'))
+  runs = sum(1 for r in rows for k in r if k.startswith('train_s'))
+  return (f'Compute over {runs} runs: training {train / 3600:.2f} h + evaluation '
+          f'{evaluation / 3600:.2f} h = {(train + evaluation) / 3600:.2f} h (logged steps at '
+          'their logged rates, evaluations from the log before them; stops excluded).')
 
 
 def fold_grid(rows: list[dict[str, Any]], select: str,

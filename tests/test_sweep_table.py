@@ -94,3 +94,24 @@ def test_readme_real_weights_command_lists_both_tasks_every_point(tmp_path):
     mine = [l for l in lines if f'--workdir={tmp_path}/{task}_gemma3_270m/' in l]
     assert len(mine) == per_task and all(
         f'configs/{task}_gemma3_270m.py:steps=40,eval_batches=16' in l for l in mine)
+
+
+def test_compute_time_counts_logged_steps_and_evals_not_the_stops(tmp_path):
+  """A point's metrics.jsonl as the trainer writes it: an eval at step 0 (untimed: nothing is
+  logged before it), 10 steps at 2/s and 10 at 1/s, a stop of 1000 s, 10 steps at 0.5/s, then
+  the final eval 7 s after the last log. The table's footer sums every point."""
+  rows = [dict(step=0, kind='eval', time=100.0), dict(step=10, kind='train', time=110.0,
+                                                       steps_per_second=2.0),
+          dict(step=20, kind='train', time=120.0, steps_per_second=1.0),
+          dict(step=30, kind='train', time=1140.0, steps_per_second=0.5),
+          dict(step=30, kind='eval', time=1147.0)]
+  _point(tmp_path, 'mr', 'peft.method=adalink,peft.rank=16', evals={'mr/accuracy': 70.0})
+  point = tmp_path / 'mr' / 'peft.method=adalink,peft.rank=16'
+  (point / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  assert sweep.compute_seconds(str(point)) == (5.0 + 10.0 + 20.0, 7.0)
+  _point(tmp_path, 'trec', 'peft.method=adalink,peft.rank=16', evals={'trec/accuracy': 60.0})
+  (tmp_path / 'trec' / 'peft.method=adalink,peft.rank=16' / 'metrics.jsonl').write_text(
+      json.dumps(dict(step=36, kind='train', time=0.0, steps_per_second=0.01)) + '\n')
+  sweep.collect(str(tmp_path))
+  assert (tmp_path / 'results.md').read_text().splitlines()[-1].startswith(
+      'Compute over 2 runs: training 1.01 h + evaluation 0.00 h = 1.01 h')  # 35 s + 3600 s
