@@ -178,7 +178,7 @@ def paligemma(benchmark: str, metric: str, arg: str | None, *,
   c = base(steps=a.steps, batch=a.batch, lr=a.lr)
   c.model = ml_collections.ConfigDict(dict(
       family='paligemma', name=a.model, image_size=a.image_size, dtype='bfloat16',
-      frozen_dtype='bfloat16', separator_id=108,  # '\n' ends the prompt, as PaliGemma's
+      frozen_dtype='bfloat16',  # separator_id: the family's default, '\n' as PaliGemma's
       llm=dict(scan_layers=True, remat_policy='minimal'), vit=dict(scan_layers=True)))
   c.peft = peft_block(a.method, a.rank)
   c.data = ml_collections.ConfigDict(dict(
