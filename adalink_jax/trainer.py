@@ -8,9 +8,9 @@ and never re-saved; each checkpoint records their path and content hash.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import functools
 import math
 import os
 from typing import Any

@@ -101,7 +101,6 @@ class DecoderOnlyModel(base.BaseModel):
 
     return decoding.Decoder((logits, cache), step, gather)
 
-
   # What one candidate group may hold beyond the prefill: per row, the logits of its tokens
   # (x vocab, fp32) and its copy of the cache. At 512 MiB, a 16-row batch of 48-token prompts
   # on Gemma 3 270M scores 8 labels of two tokens + EOS per group (TREC has 6).
