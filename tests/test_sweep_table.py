@@ -115,3 +115,28 @@ def test_compute_time_counts_logged_steps_and_evals_not_the_stops(tmp_path):
   sweep.collect(str(tmp_path))
   assert (tmp_path / 'results.md').read_text().splitlines()[-1].startswith(
       'Compute over 2 runs: training 1.01 h + evaluation 0.00 h = 1.01 h')  # 35 s + 3600 s
+
+
+def test_readme_full_protocol_commands_run(tmp_path):
+  """The README's full-protocol commands, as shown (the two runs in print mode: they need the
+  extras and hours): each run lists its config's every point into its folder, and the collect
+  command reads those folders."""
+  import re  # pylint: disable=g-import-not-at-top
+  import shlex  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = __import__('pathlib').Path(__file__).resolve().parents[1]
+  readme = (root / 'README.md').read_text()
+  block = readme.split('### The full protocol', 1)[1].split('```')[1]
+  commands = [shlex.split(c.replace('\\\n', ' ')) for c in
+              re.split(r'\n(?=python )', block.strip())]
+  assert [c[:3] for c in commands] == [['python', '-m', 'adalink_jax.sweep']] * 3
+  per_task = len(sweep.points(str(root / 'configs' / 'mr_gemma3_270m.py')))
+  for cmd in commands:
+    args = [a.replace('--out=S', f'--out={tmp_path}').replace('--mode=run', '--mode=print')
+            for a in cmd[3:]]
+    out = subprocess.run([sys.executable, '-m', 'adalink_jax.sweep', *args], cwd=root,
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    if '--mode=print' in args:
+      task = 'mr' if 'mr_gemma3_270m.py' in args[0] else 'trec'
+      assert out.count(f'--workdir={tmp_path}/{task}_gemma3_270m/') == per_task
