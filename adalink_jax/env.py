@@ -99,8 +99,8 @@ def reuse_freed_host_memory(mode: str = 'auto', jax_platforms: str | None = None
   ``mode``: ``'reuse'`` applies it, ``'system'`` leaves malloc as it is, ``'auto'`` applies
   it only when the computations run on the CPU (:func:`computes_on_cpu` of ``jax_platforms``,
   by default JAX's own setting), so accelerator hosts keep glibc's defaults. It must run
-  before JAX starts its backend: threads that have allocated already keep their own arenas. Returns whether it was applied (False also
-  where the C library is not glibc).
+  before JAX starts its backend: threads that have allocated already keep their own arenas.
+  Returns whether it was applied (False also where the C library is not glibc).
   """
   if mode not in HOST_ALLOCATOR_CHOICES:
     raise ValueError(f'host allocator {mode!r}; choose one of {", ".join(HOST_ALLOCATOR_CHOICES)}')

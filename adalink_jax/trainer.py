@@ -170,14 +170,13 @@ class Trainer:
     """Label index per row of this host's ``n`` rows of the global ``batch``: every candidate
     scored by the family's ``score_candidates`` (the prefix run once), jitted once per task
     with the candidates as a constant every host holds alike."""
+    sharding = partitioning.batch_sharding(self.mesh, 2)
     if task.name not in self._score:
       score = functools.partial(self.setup.score_candidates,
                                 candidates=np.asarray(task.candidates, np.int32))
-      self._score[task.name] = jax.jit(score,
-                                       out_shardings=partitioning.batch_sharding(self.mesh, 2))
+      self._score[task.name] = jax.jit(score, out_shardings=sharding)
     scores = multihost_utils.global_array_to_host_local_array(
-        self._score[task.name](params, batch), self.mesh,
-        partitioning.batch_sharding(self.mesh, 2).spec)
+        self._score[task.name](params, batch), self.mesh, sharding.spec)
     return np.argmax(rank_classification.checked_scores(
         scores, (n, len(task.candidates)), f'the candidates of {task.name}'), axis=1)
 

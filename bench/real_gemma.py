@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,24 +50,31 @@ PEFT = {'adalink': dict(method='adalink', rank=16, modalities=('text',)),
 TARGET_S = 2.5
 
 
-def _step_time(name: str, peft_block: dict, args, full_head: bool = False) -> dict:
+def _random_setup(peft_block: dict, args) -> tuple[Any, Any, dict, np.random.Generator]:
+  """(family, parameter shapes, a batch of random non-padding tokens, the numpy generator
+  that drew them) for ``--size`` with ``peft_block``."""
   config = ml_collections.ConfigDict(dict(
       model=dict(family='gemma', name=SIZES[args.size], dtype='float32', frozen_dtype='float32'),
       peft=peft_block))
   setup = model_builder.build(config)
-  model = setup.model
-  if full_head:
-    model = prefix_lm.PrefixLM(setup.model_config.replace(full_head=True),
-                               model.encoder_input_adapter, model.decoder_input_adapter)
   b, p, t = args.batch, args.prompt, args.answer
   batch = setup.init_batch(b, p, t)
   shapes = nn.unbox(jax.eval_shape(setup.init, jax.random.key(0), batch))
-  trainable, frozen = peft.split(common.random_params(shapes), setup.trainable)
   rng = np.random.default_rng(0)
   vocab = setup.vocab_size
   batch = dict(batch, encoder_input_tokens=jnp.asarray(rng.integers(3, vocab, (b, p)), jnp.int32),
                decoder_target_tokens=jnp.asarray(rng.integers(3, vocab, (b, t)), jnp.int32),
                decoder_loss_weights=jnp.ones((b, t), jnp.float32))
+  return setup, shapes, batch, rng
+
+
+def _step_time(name: str, peft_block: dict, args, full_head: bool = False) -> dict:
+  setup, shapes, batch, _ = _random_setup(peft_block, args)
+  model = setup.model
+  if full_head:
+    model = prefix_lm.PrefixLM(setup.model_config.replace(full_head=True),
+                               model.encoder_input_adapter, model.decoder_input_adapter)
+  trainable, frozen = peft.split(common.random_params(shapes), setup.trainable)
 
   def forward(params, batch, rng):
     del rng
@@ -90,17 +98,10 @@ def _step_time(name: str, peft_block: dict, args, full_head: bool = False) -> di
 
 def _rank_time(args, shared: bool) -> dict:
   """Seconds to score ``--candidates`` labels for one batch, prefix shared or not."""
-  config = ml_collections.ConfigDict(dict(
-      model=dict(family='gemma', name=SIZES[args.size], dtype='float32', frozen_dtype='float32'),
-      peft=PEFT['adalink']))
-  setup = model_builder.build(config)
-  b, p, t, c = args.batch, args.prompt, args.answer, args.candidates
-  batch = setup.init_batch(b, p, t)
-  params = common.random_params(nn.unbox(jax.eval_shape(setup.init, jax.random.key(0), batch)))
-  rng = np.random.default_rng(0)
-  vocab = setup.vocab_size
-  batch = dict(batch, encoder_input_tokens=jnp.asarray(rng.integers(3, vocab, (b, p)), jnp.int32))
-  candidates = rng.integers(3, vocab, (c, t)).astype(np.int32)
+  setup, shapes, batch, rng = _random_setup(PEFT['adalink'], args)
+  params = common.random_params(shapes)
+  c = args.candidates
+  candidates = rng.integers(3, setup.vocab_size, (c, args.answer)).astype(np.int32)
   candidates[:, -1] = setup.eos_id
   how = setup.score_candidates if shared else functools.partial(
       base.BaseModel.score_candidates, setup)
