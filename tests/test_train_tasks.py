@@ -26,6 +26,21 @@ def files(tmp_path_factory, assets):
 from tests.test_train import assets  # noqa: E402,F401  (module fixture used by `files`)
 
 
+@pytest.fixture(autouse=True)
+def _orbax_cleanup_before_mocked_datasets(monkeypatch):
+  """tfds's ``mock_data`` patches the global file system while it builds a dataset, and Orbax
+  lists the checkpoint folder for leftovers on a background thread started with its manager:
+  when the two overlap, Orbax looks in the mock's folder and fails. Let the run's checkpointer
+  finish that listing before the run builds any dataset (only ``save`` waits for it)."""
+  from adalink_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  init = checkpointing.TrainCheckpointer.__init__
+
+  def init_then_wait(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.manager._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
+  monkeypatch.setattr(checkpointing.TrainCheckpointer, '__init__', init_then_wait)
+
+
 def _seqio_config(assets, files, task, family, metric, steps=24, **over):  # noqa: F811
   c = tiny_config(assets, total_steps=steps, **{'optimizer.total_steps': steps,
                                                 'optimizer.learning_rate': 3e-3,
