@@ -77,8 +77,7 @@ class Trainer:
     self.boxed_shapes, self.param_shardings, self._init_batch = plan_params(
         config, self.setup, self.mesh)
     self.tx, self.schedule = optim.make_optimizer(dict(config.optimizer))
-    self._predict = None
-    self._score = {}  # eval task name -> jitted rank-classification scores
+    self._predict = {}  # eval task name (None: any task without label words) -> jitted eval
 
   # ---------------------------------------------------------------- parameters
 
@@ -138,20 +137,36 @@ class Trainer:
 
   # ---------------------------------------------------------------- eval
 
-  def _predictor(self):
-    """The jitted decode of one batch, built once per Trainer (so compiled once per run)."""
-    if self._predict is not None:
-      return self._predict
+  def _predictor(self, task: evaluation.EvalTask):
+    """The jitted eval of one batch -> (tokens[, rank scores ``[b, c]``]): the configured
+    decoding, plus, for a task with label words, every label scored on the same run of the
+    prompt (``generate_and_score``; the labels are a constant every host holds alike). Built
+    once per run, and once per task with label words."""
+    key = None if task.candidates is None else task.name
+    if key in self._predict:
+      return self._predict[key]
     dec = dict(self.config.eval.decoding)
     method = dec.pop('method', 'greedy')
     max_len = int(dec.pop('max_decode_len', self.config.data.target_len))
     if method == 'sample':
       dec['rng'] = jax.random.key(self.config.seed)
+    if key is None:
+      def predict(params, batch):
+        return (self.setup.generate(params, batch, max_len, method, **dec),)
+    else:
+      predict = functools.partial(self.setup.generate_and_score, max_decode_len=max_len,
+                                  candidates=np.asarray(task.candidates, np.int32),
+                                  method=method, **dec)
+    self._predict[key] = jax.jit(predict, out_shardings=partitioning.batch_sharding(self.mesh, 2))
+    return self._predict[key]
 
-    def predict(params, batch):
-      return self.setup.generate(params, batch, max_len, method, **dec)
-    self._predict = jax.jit(predict, out_shardings=partitioning.batch_sharding(self.mesh, 2))
-    return self._predict
+  def predict_batch(self, params: dict, batch: dict, task: evaluation.EvalTask
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(decoded tokens, rank scores or None) of this host's rows of the global ``batch``."""
+    spec = partitioning.batch_sharding(self.mesh, 2).spec
+    out = [np.asarray(multihost_utils.global_array_to_host_local_array(x, self.mesh, spec))
+           for x in self._predictor(task)(params, batch)]
+    return out[0], (out[1] if len(out) > 1 else None)
 
   def _padding_batch(self, like: dict | None) -> dict:
     """An all-invalid eval batch, for a host whose shard of the eval set ran out first."""
@@ -165,21 +180,6 @@ class Trainer:
     pad = {k: np.zeros_like(v) for k, v in like.items()}
     return dict(pad, valid=np.zeros((n,), bool), targets=[None] * n, prompts=[''] * n)
 
-  def _ranked(self, params: dict, batch: dict, task: evaluation.EvalTask, n: int
-              ) -> np.ndarray:
-    """Label index per row of this host's ``n`` rows of the global ``batch``: every candidate
-    scored by the family's ``score_candidates`` (the prefix run once), jitted once per task
-    with the candidates as a constant every host holds alike."""
-    sharding = partitioning.batch_sharding(self.mesh, 2)
-    if task.name not in self._score:
-      score = functools.partial(self.setup.score_candidates,
-                                candidates=np.asarray(task.candidates, np.int32))
-      self._score[task.name] = jax.jit(score, out_shardings=sharding)
-    scores = multihost_utils.global_array_to_host_local_array(
-        self._score[task.name](params, batch), self.mesh, sharding.spec)
-    return np.argmax(rank_classification.checked_scores(
-        scores, (n, len(task.candidates)), f'the candidates of {task.name}'), axis=1)
-
   def _eval_rows(self, params: dict, task: evaluation.EvalTask) -> tuple[list, list, list, list]:
     """(predictions, targets, prompts, ranked label indices or []) of one eval task, valid
     rows, every host's.
@@ -188,8 +188,6 @@ class Trainer:
     masked out of the metric -- so the collectives inside ``predict`` cannot hang; the decoded
     strings are gathered once at the end.
     """
-    predict = self._predictor()
-    spec = partitioning.batch_sharding(self.mesh, 2).spec
     batches = iter(self.source.eval_batches(int(self.config.eval.num_batches), task.name))
     rows, template = [], None
     while True:
@@ -202,12 +200,11 @@ class Trainer:
       template = template or model_inputs
       n = len(local['targets'])
       valid = local.get('valid', np.ones((n,), bool))
-      batch = self.to_global(model_inputs)
-      tokens = predict(params, batch)
-      tokens = np.asarray(multihost_utils.global_array_to_host_local_array(tokens, self.mesh, spec))
-      ranked = (self._ranked(params, batch, task, n)
-                if task.candidates is not None
-                else np.full((n,), -1))
+      tokens, scores = self.predict_batch(params, self.to_global(model_inputs), task)
+      ranked = np.full((n,), -1)
+      if scores is not None:
+        ranked = np.argmax(rank_classification.checked_scores(
+            scores, (n, len(task.candidates)), f'the candidates of {task.name}'), axis=1)
       prompts = local.get('prompts', [''] * n)
       rows += [(self.source.decode_text(tokens[i]), _jsonable(local['targets'][i]), prompts[i],
                 int(ranked[i])) for i in range(n) if valid[i]]

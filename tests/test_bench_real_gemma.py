@@ -19,7 +19,7 @@ def test_tiny_run_writes_a_row_per_method(tmp_path):
   saved = json.load(open(tmp_path / 'real_gemma.json'))
   assert saved['tokens'] == 9 and len(saved['rows']) == len(rows)
   assert '| adalink | every slot |' in (tmp_path / 'real_gemma.md').read_text()
-  ranking = res['rank_classification']
-  assert [r['prefix'] for r in ranking] == ['per label', 'shared']
-  assert all(r['candidates'] == 6 and r['score_s'] > 0 for r in ranking)
-  assert '| shared |' in (tmp_path / 'real_gemma.md').read_text()
+  evals = res['evaluation']
+  assert [r['way'] for r in evals] == list(real_gemma.EVAL_WAYS)
+  assert all(r['candidates'] == 6 and r['eval_s'] > 0 for r in evals)
+  assert '| decode + rank, prompt run once |' in (tmp_path / 'real_gemma.md').read_text()

@@ -194,12 +194,9 @@ def test_fold_into_a_separate_gemma_input_table(activation):
 CANDIDATES = np.asarray([[20, 21, 1, 0], [23, 1, 0, 0], [30, 31, 32, 1]], np.int32)
 
 
-@pytest.mark.parametrize('family,name', [('gemma', 'gemma3_tiny'), ('paligemma', 'paligemma_tiny'),
-                                         ('t5', 't5_1_1_tiny')])
-def test_score_candidates_shares_the_prefix(family, name):
-  """``score_candidates`` (prefix once, then every candidate) == ``score_targets`` of each
-  candidate (a full teacher-forced forward), with a per-task adapter bank on prompt and answer
-  and mixed task ids; the decoder-only family also in groups of one and of two (padded)."""
+def _banked(family: str, name: str):
+  """(setup, batch of two, params): a per-task adapter bank on prompt and answer with
+  trained-looking (random, non-zero) weights, and the rows on different task ids."""
   config = _config(family, name, separator_id=SEP) if family != 't5' else _config(family, name)
   config.peft.update(decoder_inputs=True, num_tasks=2)
   setup = model_builder.build(config)
@@ -209,9 +206,19 @@ def test_score_candidates_shares_the_prefix(family, name):
   if 'image' in batch:
     batch['image'] = jax.random.uniform(jax.random.key(2), batch['image'].shape, minval=-1)
   params = nn.unbox(setup.init(jax.random.key(0), batch))
-  params = jax.tree_util.tree_map_with_path(  # a trained-looking adapter
+  params = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.2 * jax.random.normal(jax.random.key(3), x.shape)
       if 'adapter' in jax.tree_util.keystr(p) else x, params)
+  return setup, batch, params
+
+
+@pytest.mark.parametrize('family,name', [('gemma', 'gemma3_tiny'), ('paligemma', 'paligemma_tiny'),
+                                         ('t5', 't5_1_1_tiny')])
+def test_score_candidates_shares_the_prefix(family, name):
+  """``score_candidates`` (prefix once, then every candidate) == ``score_targets`` of each
+  candidate (a full teacher-forced forward), with a per-task adapter bank on prompt and answer
+  and mixed task ids; the decoder-only family also in groups of one and of two (padded)."""
+  setup, batch, params = _banked(family, name)
   want = np.stack([setup.score_targets(params, batch, jnp.broadcast_to(c, (2, 4)))
                    for c in CANDIDATES], axis=1)
   assert len(set(np.argmax(want, 1).tolist())) > 1 or np.ptp(want) > 0.1, want
@@ -227,3 +234,21 @@ def test_score_candidates_shares_the_prefix(family, name):
     setup.score_group_bytes = rows * row
     np.testing.assert_allclose(setup.score_candidates(params, batch, CANDIDATES), want,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('family,name', [('gemma', 'gemma3_tiny'), ('paligemma', 'paligemma_tiny'),
+                                         ('t5', 't5_1_1_tiny')])
+def test_generate_and_score_runs_the_prompt_once_for_both(family, name):
+  """Evaluation's ``generate_and_score`` (one encode / prefill, its cache sized for the longer
+  of the decode and the labels) == ``generate`` and ``score_candidates`` each on their own,
+  for greedy decoding and for beam search (whose beams share the one prefill)."""
+  setup, batch, params = _banked(family, name)
+  want_scores = setup.score_candidates(params, batch, CANDIDATES)
+  # greedy with the cache's room set by the labels (3 tokens), beams with it set by the decode
+  for max_len, kw in ((2, dict(method='greedy')),
+                      (7, dict(method='beam', num_beams=3, length_penalty=0.6))):
+    tokens, scores = jax.jit(lambda p, b: setup.generate_and_score(  # pylint: disable=cell-var-from-loop
+        p, b, max_len, CANDIDATES, **kw))(params, batch)
+    assert tokens.shape == (2, max_len)
+    np.testing.assert_array_equal(tokens, setup.generate(params, batch, max_len, **kw))
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)

@@ -106,9 +106,11 @@ def test_a_vocabulary_larger_than_the_token_table_is_refused(assets, files, tmp_
 
 def test_trainer_ranks_gemma_candidates_as_score_targets_does(assets, files, tmp_path,  # noqa: F811
                                                               monkeypatch):
-  """The trainer's rank classification (the family's ``score_candidates``, jitted and sharded
-  over the 8-device mesh) picks, row by row, the label that ``score_targets`` -- one full
-  teacher-forced forward per label -- scores highest, on a GLUE eval batch and a tiny Gemma."""
+  """The trainer's eval of a batch (the family's ``generate_and_score``: one prefill shared by
+  greedy decoding and every label, jitted and sharded over the 8-device mesh) decodes what
+  ``generate`` alone decodes and picks, row by row, the label that ``score_targets`` -- one
+  full teacher-forced forward per label -- scores highest, on a GLUE eval batch and a tiny
+  Gemma."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from adalink_jax import rank_classification  # pylint: disable=g-import-not-at-top
@@ -129,13 +131,12 @@ def test_trainer_ranks_gemma_candidates_as_score_targets_does(assets, files, tmp
   inputs = {k: v for k, v in local.items() if k in trainer._ENCODE_KEYS}  # pylint: disable=protected-access
   n = len(local['targets'])
   with t.mesh:
-    got = t._ranked(params, t.to_global(inputs), task, n)  # pylint: disable=protected-access
+    tokens, got = t.predict_batch(params, t.to_global(inputs), task)
   want, scores = rank_classification.classify(
       lambda batch, targets: t.setup.score_targets(params, batch, targets), inputs,
       task.candidates)
   assert n == 8 and len(task.candidates) == 2
-  np.testing.assert_array_equal(got, want)
-  # ... and with the same scores (one process: the global scores are this host's).
-  np.testing.assert_allclose(t._score[task.name](params, t.to_global(inputs)), scores,  # pylint: disable=protected-access
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.argmax(got, axis=1), want)
+  np.testing.assert_allclose(got, scores, rtol=1e-5, atol=1e-5)
   assert np.ptp(scores) > 0  # the labels do not score alike
+  np.testing.assert_array_equal(tokens, t.setup.generate(params, inputs, c.eval.decoding.max_decode_len))

@@ -7,11 +7,14 @@ module (with the method's seam adapters and hooks), the predicate of what trains
 * ``init_batch`` / ``init``: shapes for ``init`` and ``eval_shape``;
 * ``forward(params, batch, rng) -> logits [b, target_len, vocab]``, aligned with the batch's
   ``decoder_target_tokens`` (the loss is the same for every family);
-* ``decoder(params, batch, max_decode_len, repeat)``: the prefix encoded / prefilled once and
-  a cached step (:class:`adalink_jax.decoding.Decoder`); ``generate`` runs greedy, sampling or
-  beam search on it;
+* ``prefix(params, batch, room)``: the prompt (and image) run once -- encoded, or prefilled
+  into a cache with ``room`` slots -- for ``decoder`` and ``score_candidates`` to share;
+* ``decoder(params, batch, max_decode_len, repeat, prefix)``: a cached step over the prefix
+  (:class:`adalink_jax.decoding.Decoder`); ``generate`` runs greedy, sampling or beam search
+  on it;
 * ``score_targets`` / ``score_candidates``: teacher-forced scores for rank classification
   (the latter runs the prefix once for all candidates where the family can);
+  ``generate_and_score`` both on one run of the prefix (what evaluation calls);
 * special ids (``pad_id``, ``eos_id``, ``decoder_start_id``), ``vocab_size``, where the token
   table lives (``embedding_path``, for folding and prompt-tuning init);
 * ``init_towers``: the ``config.init`` keys ``load`` fills, and ``load`` itself.
@@ -93,8 +96,16 @@ class BaseModel:
     """Teacher-forced logits ``[b, target_len, vocab]``; dropout on when ``rng`` is given."""
     raise NotImplementedError
 
+  def prefix(self, params: Any, batch: Mapping[str, jax.Array], room: int) -> Any:
+    """The prompt run once, for :meth:`decoder` and :meth:`score_candidates` to share; ``room``:
+    the most tokens either will append. None where the family has nothing to share."""
+    del params, batch, room
+    return None
+
   def decoder(self, params: Any, batch: Mapping[str, jax.Array], max_decode_len: int,
-              repeat: int = 1) -> decoding.Decoder:
+              repeat: int = 1, prefix: Any = None) -> decoding.Decoder:
+    """Rows repeated ``repeat`` times; ``prefix``: :meth:`prefix` of ``batch`` with room for
+    ``max_decode_len`` (default: run here)."""
     raise NotImplementedError
 
   def load(self, init: Mapping[str, Any], params: dict, shardings: Any) -> dict:
@@ -137,23 +148,35 @@ class BaseModel:
     return decoding.summed_to_eos(token_lp, targets, self.eos_id)[0]
 
   def score_candidates(self, params: Any, batch: Mapping[str, jax.Array],
-                       candidates: jax.Array) -> jax.Array:
+                       candidates: jax.Array, prefix: Any = None) -> jax.Array:
     """Every candidate's :meth:`score_targets` for every example: ``candidates[c, t]`` (shared
     by the batch) -> ``[b, c]`` fp32. Here one teacher-forced forward per candidate, one at a
-    time (the memory of one); families with a prefix cache override it to run the prefix once.
+    time (the memory of one); families with a prefix cache override it to run the prefix once
+    (``prefix``: :meth:`prefix` with room for ``t``, default run here).
     """
+    del prefix
     b = batch['encoder_input_tokens'].shape[0]
     one = lambda cand: self.score_targets(params, batch, jnp.broadcast_to(cand, (b,) + cand.shape))
     return jax.lax.map(one, candidates).T
 
   def generate(self, params: Any, batch: Mapping[str, jax.Array], max_decode_len: int,
-               method: str = 'greedy', **kw) -> jax.Array:
+               method: str = 'greedy', prefix: Any = None, **kw) -> jax.Array:
     """Greedy / sample (``rng``, ``temperature``, ``top_k``) / beam (``num_beams``,
     ``length_penalty``) decoding -> tokens ``[b, max_decode_len]``, pad after EOS."""
     b = batch['encoder_input_tokens'].shape[0]
-    return decoding.run(lambda repeat: self.decoder(params, batch, max_decode_len, repeat), b,
-                        max_decode_len, method, eos_id=self.eos_id,
+    return decoding.run(lambda repeat: self.decoder(params, batch, max_decode_len, repeat, prefix),
+                        b, max_decode_len, method, eos_id=self.eos_id,
                         start_id=self.decoder_start_id, **kw)
+
+  def generate_and_score(self, params: Any, batch: Mapping[str, jax.Array], max_decode_len: int,
+                         candidates: jax.Array, method: str = 'greedy', **kw
+                         ) -> tuple[jax.Array, jax.Array]:
+    """:meth:`generate` and :meth:`score_candidates` on one run of the prompt -> (tokens
+    ``[b, max_decode_len]``, scores ``[b, c]``): evaluation with rank classification would
+    otherwise run the prompt twice per batch."""
+    prefix = self.prefix(params, batch, max(max_decode_len, candidates.shape[1]))
+    return (self.generate(params, batch, max_decode_len, method, prefix, **kw),
+            self.score_candidates(params, batch, candidates, prefix))
 
 
 def repeat_rows(x: Optional[jax.Array], repeat: int) -> Optional[jax.Array]:

@@ -73,13 +73,19 @@ class DecoderOnlyModel(base.BaseModel):
                             batch['decoder_target_tokens'], batch.get('image'),
                             batch.get('task_id'))
 
-  def decoder(self, params, batch, max_decode_len, repeat=1) -> decoding.Decoder:
+  def prefix(self, params, batch, room):
+    """(the logits after the prompt ``[b, vocab]``, its cache with ``room`` free slots)."""
+    return self.model.apply({'params': params}, batch['encoder_input_tokens'], batch.get('image'),
+                            batch.get('task_id'), max(int(room), 1),
+                            method=prefix_lm.PrefixLM.prefill)
+
+  def decoder(self, params, batch, max_decode_len, repeat=1, prefix=None) -> decoding.Decoder:
     task_id = base.repeat_rows(batch.get('task_id'), repeat)
     variables = {'params': params}
-    logits, cache = self.model.apply(
-        variables, base.repeat_rows(batch['encoder_input_tokens'], repeat),
-        base.repeat_rows(batch.get('image'), repeat), task_id, max_decode_len,
-        method=prefix_lm.PrefixLM.prefill)
+    logits, cache = prefix or self.prefix(params, batch, max_decode_len)
+    if repeat > 1:  # beams: row i * repeat + j is example i's (prefilled once, not per beam)
+      rows = jnp.repeat(jnp.arange(logits.shape[0]), repeat)
+      logits, cache = jnp.take(logits, rows, axis=0), prefix_lm.gather_cache(cache, rows)
     model = self.model
 
     def step(state, tokens, i):
@@ -106,15 +112,14 @@ class DecoderOnlyModel(base.BaseModel):
   # on Gemma 3 270M scores 8 labels of two tokens + EOS per group (TREC has 6).
   score_group_bytes = 512 << 20
 
-  def score_candidates(self, params, batch, candidates):
+  def score_candidates(self, params, batch, candidates, prefix=None):
     """The prefix prefilled once; every candidate then extends a copy of its cache by its own
     tokens in one pass. Candidates go in groups of ``b * group`` rows whose logits and cache
     copies fit :attr:`score_group_bytes` (at least one candidate per group)."""
     c, t = candidates.shape
     b = batch['encoder_input_tokens'].shape[0]
     variables, task_id = {'params': params}, batch.get('task_id')
-    first, cache = self.model.apply(variables, batch['encoder_input_tokens'], batch.get('image'),
-                                    task_id, max(t - 1, 1), method=prefix_lm.PrefixLM.prefill)
+    first, cache = prefix or self.prefix(params, batch, t - 1)
     first_lp = jax.nn.log_softmax(first.astype(jnp.float32))  # [b, vocab]: every first token
     row_bytes = (4 * self.vocab_size * max(t - 1, 1) +
                  2 * cache.k[:, :1].size * cache.k.dtype.itemsize)

@@ -22,14 +22,18 @@ class EncoderDecoderModel(base.BaseModel):
     """-> (``encoded[b, l, d]``, ``mask[b, l]``): the prefix for decoding."""
     raise NotImplementedError
 
-  def decoder(self, params, batch, max_decode_len, repeat=1) -> decoding.Decoder:
-    encoded, mask = self.encode(params, batch)
+  def prefix(self, params, batch, room):
+    del room  # the decoder's cache is its own, sized per call
+    return self.encode(params, batch)
+
+  def decoder(self, params, batch, max_decode_len, repeat=1, prefix=None) -> decoding.Decoder:
+    encoded, mask = prefix or self.encode(params, batch)
     return decoding.encoder_decoder(self.model, params, encoded, mask, max_decode_len,
                                     batch.get('task_id'), repeat=repeat)
 
-  def score_candidates(self, params, batch, candidates):
+  def score_candidates(self, params, batch, candidates, prefix=None):
     """The prefix encoded once; each candidate then costs one decoder pass."""
-    encoded, mask = self.encode(params, batch)
+    encoded, mask = prefix or self.encode(params, batch)
     b = encoded.shape[0]
 
     def one(cand):
