@@ -1,12 +1,10 @@
 """The command-line tools around training: evaluate, export (adapter, fold, backbone), sweep, launchers."""
 import csv
 import json
-import os
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy

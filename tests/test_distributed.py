@@ -9,7 +9,6 @@ sharding or a missed gradient reduction moves parameters by > 1e-2 here).
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
