@@ -78,6 +78,7 @@ class Trainer:
         config, self.setup, self.mesh)
     self.tx, self.schedule = optim.make_optimizer(dict(config.optimizer))
     self._predict = {}  # eval task name (None: any task without label words) -> jitted eval
+    self._eval_sharding = partitioning.batch_sharding(self.mesh, 2)  # of every eval output
 
   # ---------------------------------------------------------------- parameters
 
@@ -157,15 +158,14 @@ class Trainer:
       predict = functools.partial(self.setup.generate_and_score, max_decode_len=max_len,
                                   candidates=np.asarray(task.candidates, np.int32),
                                   method=method, **dec)
-    self._predict[key] = jax.jit(predict, out_shardings=partitioning.batch_sharding(self.mesh, 2))
+    self._predict[key] = jax.jit(predict, out_shardings=self._eval_sharding)
     return self._predict[key]
 
   def predict_batch(self, params: dict, batch: dict, task: evaluation.EvalTask
                     ) -> tuple[np.ndarray, np.ndarray | None]:
     """(decoded tokens, rank scores or None) of this host's rows of the global ``batch``."""
-    spec = partitioning.batch_sharding(self.mesh, 2).spec
-    out = [np.asarray(multihost_utils.global_array_to_host_local_array(x, self.mesh, spec))
-           for x in self._predictor(task)(params, batch)]
+    out = [np.asarray(multihost_utils.global_array_to_host_local_array(
+        x, self.mesh, self._eval_sharding.spec)) for x in self._predictor(task)(params, batch)]
     return out[0], (out[1] if len(out) > 1 else None)
 
   def _padding_batch(self, like: dict | None) -> dict:

@@ -139,4 +139,5 @@ def test_trainer_ranks_gemma_candidates_as_score_targets_does(assets, files, tmp
   np.testing.assert_array_equal(np.argmax(got, axis=1), want)
   np.testing.assert_allclose(got, scores, rtol=1e-5, atol=1e-5)
   assert np.ptp(scores) > 0  # the labels do not score alike
-  np.testing.assert_array_equal(tokens, t.setup.generate(params, inputs, c.eval.decoding.max_decode_len))
+  np.testing.assert_array_equal(
+      tokens, t.setup.generate(params, inputs, c.eval.decoding.max_decode_len))
